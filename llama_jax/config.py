@@ -1,0 +1,76 @@
+"""Shared config defaults (the LLaMA recipe) and the checks that turn a loose ConfigDict into
+validated settings. Config files in configs/ call `base_config()` and change what differs."""
+
+import ml_collections
+
+from llama_jax.model import ModelConfig
+
+
+def base_config(**model) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict(dict(
+        vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=None, ffn_dim=None,
+        multiple_of=256, norm_eps=1e-6, rope_theta=10000.0, max_seq_len=2048, dtype="bfloat16",
+        param_dtype="float32", remat="dots_saveable", scan_layers=True))
+    c.model.update(model)
+    # one -1 axis fills the remaining devices
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.sharding_rules = "fsdp"  # a preset in llama_jax/sharding.py RULES
+
+    c.data = ml_collections.ConfigDict(dict(
+        corpus="stdlib",  # the interpreter's own standard library sources: always present offline
+        validation_fraction=0.02,
+        seq_len=2048,
+        global_batch_size=2048,  # sequences; 2048 x 2048 = the paper's 4M tokens per batch
+        shuffle_buffer=1024,
+        tokenizer_vocab_size=32000,  # SentencePiece BPE trained on first use, cached in workdir
+        tokenizer_sample_lines=2_000_000,
+        seed=0,
+    ))
+
+    c.train = ml_collections.ConfigDict(dict(
+        steps=250_000,  # 1T tokens at 4M tokens a step
+        lr=3.0e-4, warmup_steps=2000, final_lr_fraction=0.1,
+        b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0,
+        loss_chunk_size=0,  # sequence positions per output-projection chunk; 0 = whole sequence
+        seed=0, log_every=10, eval_every=1000, eval_batches=8,
+    ))
+    return c
+
+
+def model_config(config) -> ModelConfig:
+    """The one place where the loose config becomes a typed ModelConfig (unknown keys raise)."""
+    return ModelConfig(**config.model.to_dict())
+
+
+def validate(config, mesh_sizes):
+    """One-line errors for settings that would otherwise fail deep inside XLA or silently."""
+    cfg = model_config(config)
+    data, train = config.data, config.train
+    sizes = dict(zip(("data", "fsdp", "tensor"), mesh_sizes))
+    errors = []
+    if cfg.n_heads % sizes["tensor"] or cfg.n_kv_heads % sizes["tensor"]:
+        errors.append(f"model.n_heads={cfg.n_heads} / n_kv_heads={cfg.n_kv_heads} are not "
+                      f"divisible by mesh.tensor={sizes['tensor']}: pick a tensor size dividing both")
+    shards = sizes["data"] * sizes["fsdp"]
+    if data.global_batch_size % shards:
+        errors.append(f"data.global_batch_size={data.global_batch_size} is not divisible by "
+                      f"mesh data*fsdp={shards}: make it a multiple of {shards}")
+    if data.seq_len > cfg.max_seq_len:
+        errors.append(f"data.seq_len={data.seq_len} exceeds model.max_seq_len="
+                      f"{cfg.max_seq_len}: lower seq_len or raise max_seq_len")
+    if data.tokenizer_vocab_size > cfg.vocab_size:
+        errors.append(f"data.tokenizer_vocab_size={data.tokenizer_vocab_size} exceeds "
+                      f"model.vocab_size={cfg.vocab_size}: the model could not embed every token")
+    for name in ("steps", "lr"):
+        if train[name] <= 0:
+            errors.append(f"train.{name}={train[name]} must be positive")
+    if train.warmup_steps >= train.steps:
+        errors.append(f"train.warmup_steps={train.warmup_steps} is not shorter than train.steps="
+                      f"{train.steps}: lower warmup_steps")
+    if train.loss_chunk_size and data.seq_len % train.loss_chunk_size:
+        errors.append(f"train.loss_chunk_size={train.loss_chunk_size} does not divide "
+                      f"data.seq_len={data.seq_len}")
+    if errors:
+        raise ValueError("; ".join(errors))
+    return cfg

@@ -1,0 +1,225 @@
+"""The LLaMA transformer in Flax linen, and ModelConfig with its parameter and FLOP counts.
+
+Pre-RMSNorm blocks, causal attention with rotary embeddings (MHA or GQA), SwiGLU MLP, untied
+output projection, no biases. Every parameter carries logical axis names; sharding.py maps them.
+Axis letters: B batch, T sequence, D model dim, H heads, K kv heads, G heads per kv head,
+E head dim, F ffn dim, V vocab, L layers.
+"""
+
+import dataclasses
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from jax.ad_checkpoint import checkpoint_name
+
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: every activation is kept
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    # keep the linear-layer outputs, recompute the cheap elementwise work (the paper's choice)
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # keep only each block's attention and MLP outputs; recompute the projections inside
+    "minimal": jax.checkpoint_policies.save_only_these_names("attn_out", "mlp_out"),
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: Optional[int] = None  # None: same as n_heads (LLaMA-1 multi-head attention)
+    ffn_dim: Optional[int] = None  # None: derived from multiple_of as in Meta's code
+    multiple_of: int = 256
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: str = "dots_saveable"
+    scan_layers: bool = True
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.ffn_dim is None:
+            hidden = int(2 * 4 * self.dim / 3)
+            object.__setattr__(
+                self, "ffn_dim", self.multiple_of * math.ceil(hidden / self.multiple_of))
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
+                     "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be positive")
+        if self.dim % self.n_heads:
+            raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads="
+                             f"{self.n_heads}: pick n_heads that divides dim")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads="
+                             f"{self.n_kv_heads}: pick n_kv_heads that divides n_heads")
+        if self.head_dim % 2:
+            raise ValueError(f"head dim {self.head_dim} must be even for rotary embeddings")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat={self.remat!r} is unknown: use one of "
+                             f"{sorted(REMAT_POLICIES)}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"model.{name}={getattr(self, name)!r} is unknown: use one of "
+                                 f"{sorted(DTYPES)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def num_params(self) -> int:
+        d, f, kv = self.dim, self.ffn_dim, self.n_kv_heads * self.head_dim
+        per_layer = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d  # wq wo, wk wv, w1 w2 w3, 2 norms
+        return 2 * self.vocab_size * d + self.n_layers * per_layer + d
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6N for the weights plus causal attention scores (6*L*T*D)."""
+        return 6 * self.num_params() + 6 * self.n_layers * seq_len * self.dim
+
+
+def _param(module, name, init, shape, axes, cfg):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape,
+                        DTYPES[cfg.param_dtype])
+
+
+def _dense_init(fan_in):
+    return nn.initializers.normal(stddev=fan_in ** -0.5)
+
+
+class RMSNorm(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        scale = _param(self, "scale", nn.initializers.ones, (self.cfg.dim,), ("norm",), self.cfg)
+        x32 = x.astype(jnp.float32)  # the mean of squares in low precision loses too much
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+        return (x32 * scale.astype(jnp.float32)).astype(DTYPES[self.cfg.dtype])
+
+
+def rope(x, positions, theta):
+    """Rotary embedding in the rotate-half layout (Hugging Face's); x [B, T, N, E], positions [B, T].
+
+    Meta's checkpoints rotate interleaved pairs instead; convert.py permutes their q/k rows once
+    so that this single layout serves both.
+    """
+    e = x.shape[-1]
+    freqs = 1.0 / theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e)  # [E/2]
+    angles = positions.astype(jnp.float32)[..., None] * freqs  # [B, T, E/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attention_mask(segment_ids):
+    """[B, T] segment ids -> [B, 1, 1, T, T] causal mask that never crosses a document."""
+    t = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), dtype=jnp.bool_))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal[None] & same)[:, None, None]
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask):
+        cfg = self.cfg
+        d, h, k, e = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        init = _dense_init(d)
+        wq = _param(self, "wq", init, (d, h, e), ("embed", "heads", "head_dim"), cfg)
+        wk = _param(self, "wk", init, (d, k, e), ("embed", "kv_heads", "head_dim"), cfg)
+        wv = _param(self, "wv", init, (d, k, e), ("embed", "kv_heads", "head_dim"), cfg)
+        wo = _param(self, "wo", _dense_init(h * e), (h, e, d), ("heads", "head_dim", "embed"), cfg)
+        dt = DTYPES[cfg.dtype]
+        q = jnp.einsum("btd,dhe->bthe", x, wq.astype(dt))
+        key = jnp.einsum("btd,dke->btke", x, wk.astype(dt))
+        v = jnp.einsum("btd,dke->btke", x, wv.astype(dt))
+        q = rope(q, positions, cfg.rope_theta)
+        key = rope(key, positions, cfg.rope_theta)
+        b, t = x.shape[:2]
+        q = q.reshape(b, t, k, h // k, e)  # GQA: G query heads share one kv head
+        scores = jnp.einsum("bskge,btke->bkgst", q, key).astype(jnp.float32) * e ** -0.5
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # [B, K, G, T, T]
+        out = jnp.einsum("bkgst,btke->bskge", probs, v).reshape(b, t, h, e)
+        return checkpoint_name(jnp.einsum("bthe,hed->btd", out, wo.astype(dt)), "attn_out")
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        d, f = cfg.dim, cfg.ffn_dim
+        dt = DTYPES[cfg.dtype]
+        w1 = _param(self, "w1", _dense_init(d), (d, f), ("embed", "mlp"), cfg)  # gate
+        w3 = _param(self, "w3", _dense_init(d), (d, f), ("embed", "mlp"), cfg)  # up
+        w2 = _param(self, "w2", _dense_init(f), (f, d), ("mlp", "embed"), cfg)  # down
+        gate = jnp.einsum("btd,df->btf", x, w1.astype(dt))
+        up = jnp.einsum("btd,df->btf", x, w3.astype(dt))
+        out = jnp.einsum("btf,fd->btd", nn.silu(gate) * up, w2.astype(dt))
+        return checkpoint_name(out, "mlp_out")
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask):
+        x = x + Attention(self.cfg, name="attention")(
+            RMSNorm(self.cfg, name="attention_norm")(x), positions, mask)
+        x = x + MLP(self.cfg, name="feed_forward")(RMSNorm(self.cfg, name="ffn_norm")(x))
+        return x, None  # (carry, per-layer output) so the same block runs under nn.scan
+
+
+class Llama(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, segment_ids=None, return_hidden=False):
+        """tokens [B, T] -> logits [B, T, V] (float32), or the final normed hidden [B, T, D].
+
+        segment_ids [B, T] keep packed documents apart (0 marks padding); positions restart
+        at 0 in each document. Both default to a single unpadded document per row.
+        """
+        cfg = self.cfg
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        mask = attention_mask(segment_ids)
+        embed = _param(self, "tok_embeddings", nn.initializers.normal(0.02),
+                       (cfg.vocab_size, cfg.dim), ("vocab", "embed"), cfg)
+        x = jnp.take(embed, tokens, axis=0).astype(DTYPES[cfg.dtype])  # [B, T, D]
+
+        policy = REMAT_POLICIES[cfg.remat]
+        block = Block if cfg.remat == "none" else nn.remat(
+            Block, policy=policy, prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            # One compiled layer body looped L times: compile time does not grow with depth.
+            layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                             in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                             metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = layers(cfg, name="layers")(x, positions, mask)
+        else:
+            for i in range(cfg.n_layers):
+                x, _ = block(cfg, name=f"layers_{i}")(x, positions, mask)
+
+        x = RMSNorm(cfg, name="norm")(x)
+        out = _param(self, "output", _dense_init(cfg.dim), (cfg.dim, cfg.vocab_size),
+                     ("embed", "vocab"), cfg)
+        if return_hidden:  # the loss projects in chunks so [B, T, V] never exists at once
+            return x
+        return jnp.einsum("btd,dv->btv", x, out.astype(x.dtype)).astype(jnp.float32)

@@ -1,0 +1,122 @@
+"""TrainState, the loss, and the sharded, jitted init / train_step / eval_step.
+
+Every function here is pure. State is created straight into sharded memory: the abstract state
+(jax.eval_shape) gives logical axes, sharding.py turns them into NamedShardings, and the init is
+jitted with those as out_shardings, so no host ever holds a full copy of the parameters.
+"""
+
+import functools
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from llama_jax import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def cross_entropy(hidden, w_out, targets, loss_mask, chunk_size=0):
+    """Masked mean next-token loss from hidden [B, T, D] and w_out [D, V].
+
+    With chunk_size, logits are built chunk_size positions at a time under jax.checkpoint, so
+    only [B, chunk, V] float32 logits exist at once, in the forward and the backward pass.
+    """
+    b, t, d = hidden.shape
+    chunk = chunk_size or t
+    n = t // chunk
+
+    @jax.checkpoint
+    def chunk_loss(total, xs):
+        h, y, m = xs  # [B, C, D], [B, C], [B, C]
+        logits = jnp.einsum("bcd,dv->bcv", h, w_out.astype(h.dtype)).astype(jnp.float32)
+        nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(
+            logits, y[..., None], axis=-1)[..., 0]
+        return total + jnp.sum(nll * m), None
+
+    def split(x):  # [B, T, ...] -> [n, B, C, ...]
+        return jnp.swapaxes(x.reshape(b, n, chunk, *x.shape[2:]), 0, 1)
+
+    total, _ = jax.lax.scan(chunk_loss, jnp.zeros((), jnp.float32),
+                            (split(hidden), split(targets), split(loss_mask)))
+    return total, jnp.sum(loss_mask)
+
+
+def loss_fn(params, batch, model, chunk_size):
+    """(mean loss, token count) of a batch."""
+    hidden = model.apply({"params": params}, batch["inputs"], batch["positions"],
+                         batch["segment_ids"], return_hidden=True)
+    total, count = cross_entropy(hidden, params["output"], batch["targets"], batch["loss_mask"],
+                                 chunk_size)
+    return total / jnp.maximum(count, 1.0), count
+
+
+def train_step(state, batch, *, model, tx, schedule, chunk_size):
+    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch, model, chunk_size)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params), "update_norm": optax.tree.norm(updates),
+        "learning_rate": schedule(state.step),
+    }
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch, *, model, chunk_size):
+    """Summed loss and token count, so batches average exactly."""
+    hidden = model.apply({"params": params}, batch["inputs"], batch["positions"],
+                         batch["segment_ids"], return_hidden=True)
+    total, count = cross_entropy(hidden, params["output"], batch["targets"], batch["loss_mask"],
+                                 chunk_size)
+    return {"loss_sum": total, "tokens": count}
+
+
+def _boxed_init(rng, model, tx, seq_len):
+    """Init with nn.Partitioned boxes left on, so the optimizer state inherits logical axes."""
+    params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def state_shardings(model, tx, mesh, rules_name, seq_len):
+    """(abstract state, NamedSharding tree) without allocating anything."""
+    boxed = jax.eval_shape(
+        functools.partial(_boxed_init, model=model, tx=tx, seq_len=seq_len), jax.random.key(0))
+    shardings = sharding.tree_shardings(boxed, mesh, rules_name)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            nn.unbox(boxed), shardings)
+    return abstract, shardings
+
+
+def init_state(rng, model, tx, shardings, seq_len):
+    """Fresh TrainState, each array created directly with its sharding."""
+    init = jax.jit(lambda r: nn.unbox(_boxed_init(r, model, tx, seq_len)),
+                   out_shardings=shardings)
+    return init(rng)
+
+
+def batch_shardings(mesh):
+    keys = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+    return {k: sharding.batch_sharding(mesh) for k in keys}
+
+
+def jit_train_step(model, tx, schedule, mesh, shardings, chunk_size=0):
+    step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                             chunk_size=chunk_size)
+    return jax.jit(step, in_shardings=(shardings, batch_shardings(mesh)),
+                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def jit_eval_step(model, mesh, shardings, chunk_size=0):
+    step = functools.partial(eval_step, model=model, chunk_size=chunk_size)
+    return jax.jit(step, in_shardings=(shardings.params, batch_shardings(mesh)),
+                   out_shardings=sharding.replicated(mesh))

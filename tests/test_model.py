@@ -1,0 +1,122 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import load_config
+from llama_jax.config import model_config
+from llama_jax.model import Llama, ModelConfig
+
+PAPER_PARAMS = {"7b": 6_738_415_616, "13b": 13_015_864_320, "33b": 32_528_943_616,
+                "65b": 65_285_660_672}
+
+
+@pytest.mark.parametrize("size", sorted(PAPER_PARAMS))
+def test_parameter_count_matches_paper_without_allocating(size):
+    cfg = model_config(load_config(f"configs/llama_{size}.py"))
+    shapes = jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0),
+                                                    jnp.zeros((1, 8), jnp.int32)))
+    counted = sum(x.size for x in jax.tree.leaves(shapes))
+    assert counted == PAPER_PARAMS[size]
+    assert cfg.num_params() == PAPER_PARAMS[size]
+
+
+def test_ffn_dim_follows_multiple_of_rounding():
+    assert [ModelConfig(32000, d, 1, h).ffn_dim for d, h in
+            [(4096, 32), (5120, 40), (6656, 52), (8192, 64)]] == [11008, 13824, 17920, 22016]
+
+
+def test_flops_per_token_is_6n_plus_causal_attention():
+    cfg = ModelConfig(32000, 4096, 32, 32)
+    assert cfg.flops_per_token(2048) == 6 * 6_738_415_616 + 6 * 32 * 2048 * 4096
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(vocab=1), "unexpected keyword"),
+    (dict(n_heads=3), "not divisible by model.n_heads"),
+    (dict(n_kv_heads=3), "not divisible by model.n_kv_heads"),
+    (dict(remat="sometimes"), "model.remat"),
+    (dict(dtype="float8"), "model.dtype"),
+])
+def test_bad_model_config_raises(bad, message):
+    fields = dict(vocab_size=64, dim=32, n_layers=1, n_heads=4)
+    fields.update(bad)
+    with pytest.raises((TypeError, ValueError), match=message):
+        ModelConfig(**fields)
+
+
+def small(**kw):
+    fields = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                  max_seq_len=32, remat="none")
+    fields.update(kw)
+    return ModelConfig(**fields)
+
+
+def init(cfg, t=12):
+    tokens = jax.random.randint(jax.random.key(1), (2, t), 0, cfg.vocab_size)
+    params = Llama(cfg).init(jax.random.key(0), tokens)["params"]
+    return jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
+                        is_leaf=lambda x: hasattr(x, "value")), tokens
+
+
+def test_logits_shape_and_causality():
+    cfg = small()
+    params, tokens = init(cfg)
+    model = Llama(cfg)
+    logits = model.apply({"params": params}, tokens)
+    assert logits.shape == (2, 12, 97) and logits.dtype == jnp.float32
+    changed = tokens.at[:, 7].set((tokens[:, 7] + 1) % cfg.vocab_size)
+    logits2 = model.apply({"params": params}, changed)
+    np.testing.assert_allclose(logits[:, :7], logits2[:, :7], atol=1e-6)
+    assert not np.allclose(logits[:, 7:], logits2[:, 7:], atol=1e-3)
+
+
+def test_packed_documents_give_the_same_logits_as_each_alone():
+    cfg = small()
+    params, tokens = init(cfg)
+    model = Llama(cfg)
+    a, b = tokens[0, :5], tokens[1, :7]
+    packed = jnp.concatenate([a, b])[None]
+    segment_ids = jnp.array([[1] * 5 + [2] * 7])
+    positions = jnp.array([list(range(5)) + list(range(7))])
+    out = model.apply({"params": params}, packed, positions, segment_ids)
+    alone_a = model.apply({"params": params}, a[None])
+    alone_b = model.apply({"params": params}, b[None])
+    np.testing.assert_allclose(out[0, :5], alone_a[0], atol=1e-5)
+    np.testing.assert_allclose(out[0, 5:], alone_b[0], atol=1e-5)
+
+
+def test_scanned_and_unrolled_layers_compute_the_same_function():
+    cfg = small()
+    params, tokens = init(cfg)
+    unrolled = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(cfg.n_layers):
+        unrolled[f"layers_{i}"] = jax.tree.map(lambda x: x[i], params["layers"])
+    want = Llama(cfg).apply({"params": params}, tokens)
+    got = Llama(dataclasses.replace(cfg, scan_layers=False)).apply({"params": unrolled}, tokens)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_saveable", "minimal"])
+def test_remat_policies_change_memory_not_gradients(policy):
+    cfg = small()
+    params, tokens = init(cfg)
+
+    def loss(p, c):
+        return jnp.mean(Llama(c).apply({"params": p}, tokens) ** 2)
+
+    want = jax.grad(loss)(params, cfg)
+    got = jax.grad(loss)(params, dataclasses.replace(cfg, remat=policy))
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6), got, want)
+
+
+def test_gqa_shares_kv_heads_and_bfloat16_compute_runs():
+    cfg = small(dtype="bfloat16")
+    params, tokens = init(cfg)
+    assert params["layers"]["attention"]["wk"].shape == (2, 32, 2, 8)  # [L, D, K, E]
+    assert params["layers"]["attention"]["wq"].shape == (2, 32, 4, 8)  # [L, D, H, E]
+    assert params["layers"]["attention"]["wq"].dtype == jnp.float32  # params stay float32
+    logits = Llama(cfg).apply({"params": params}, tokens)
+    assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))

@@ -1,0 +1,78 @@
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from helpers import load_config
+from llama_jax import optim, sharding, train_step
+from llama_jax.config import model_config
+from llama_jax.model import Llama
+
+
+def test_eight_fake_devices_are_present():
+    assert jax.device_count() == 8
+
+
+@pytest.mark.parametrize("mesh, shape", [
+    ({"data": 1, "fsdp": -1, "tensor": 1}, (1, 8, 1)),
+    ({"data": 2, "fsdp": -1, "tensor": 2}, (2, 2, 2)),
+    ({"data": -1, "fsdp": 1, "tensor": 4}, (2, 1, 4)),
+    ({"data": 2, "fsdp": 2, "tensor": 2}, (2, 2, 2)),
+])
+def test_mesh_shape_fills_the_auto_axis(mesh, shape):
+    assert sharding.mesh_shape(mesh, 8) == shape
+    assert sharding.make_mesh(mesh).devices.shape == shape
+
+
+@pytest.mark.parametrize("mesh, message", [
+    ({"data": 2, "fsdp": 2, "tensor": 1}, "4 devices but 8"),
+    ({"data": -1, "fsdp": -1, "tensor": 1}, "at most one -1"),
+    ({"data": 3, "fsdp": -1, "tensor": 1}, "must divide the device count"),
+    ({"pipeline": 2}, "unknown axes"),
+])
+def test_bad_mesh_is_a_clear_error(mesh, message):
+    with pytest.raises(ValueError, match=message):
+        sharding.mesh_shape(mesh, 8)
+
+
+def test_unmapped_logical_axis_is_an_error():
+    with pytest.raises(KeyError, match="'experts' has no sharding rule"):
+        sharding.logical_to_mesh(P("embed", "experts"), sharding.RULES["fsdp"])
+
+
+def test_presets_name_the_same_logical_axes():
+    assert len({frozenset(r) for r in sharding.RULES.values()}) == 1
+
+
+def _state_shardings(config_path, mesh_config, rules):
+    config = load_config(config_path)
+    tx, _ = optim.make_optimizer(config.train)
+    mesh = sharding.make_mesh(mesh_config)
+    return train_step.state_shardings(Llama(model_config(config)), tx, mesh, rules, 128)
+
+
+def test_fsdp_replicates_no_parameter_larger_than_1mib_on_7b():
+    abstract, shardings = _state_shardings("configs/llama_7b.py", {"fsdp": -1}, "fsdp")
+    checked = 0
+    for array, named in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+        if array.size * array.dtype.itemsize > 2 ** 20:
+            assert named.spec != P() and any(a is not None for a in named.spec), array.shape
+            # the sharded copy on each device is 1/8 of the whole
+            shard = named.shard_shape(array.shape)
+            assert np.prod(shard) * 8 == array.size
+            checked += 1
+    assert checked >= 3 * 9  # params, Adam mu and nu, 9 matrices each
+
+
+def test_fsdp_tp_splits_heads_and_mlp_over_tensor():
+    _, shardings = _state_shardings("configs/llama_7b.py",
+                                    {"data": 2, "fsdp": 2, "tensor": 2}, "fsdp_tp")
+    attn = shardings.params["layers"]["attention"]
+    assert attn["wq"].spec == P(None, "fsdp", "tensor", None)  # [L, D, H, E]
+    assert shardings.params["layers"]["feed_forward"]["w2"].spec == P(None, "tensor", "fsdp")
+    assert shardings.params["output"].spec == P("fsdp", "tensor")
+
+
+def test_parameter_that_cannot_be_split_evenly_is_a_clear_error():
+    with pytest.raises(ValueError, match="cannot be split 8 ways"):
+        _state_shardings("configs/tiny.py", {"data": 1, "fsdp": 8, "tensor": 1}, "fsdp_tp")
