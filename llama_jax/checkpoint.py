@@ -1,26 +1,165 @@
-"""Orbax checkpoints of the TrainState under WORKDIR/checkpoints, restorable onto any mesh."""
+"""Checkpoints: the Orbax CheckpointManager under WORKDIR/checkpoints, plus per-process data state.
 
+A step directory holds `state` (TrainState: step, params, optimizer state) and `meta` (resolved
+config, tokenizer fingerprint, process count). Orbax writes each step into a tmp directory and
+renames it only when complete, so a save killed half-way is never listed, never loaded.
+The data iterator of each process is saved beside it under WORKDIR/data_state/STEP/ and only
+read for a step that Orbax committed.
+"""
+
+import hashlib
+import json
+import os
 import pathlib
+import shutil
 
+import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 
-def manager(workdir, max_to_keep=3) -> ocp.CheckpointManager:
-    path = pathlib.Path(workdir).absolute() / "checkpoints"
-    return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True))
+class CheckpointError(ValueError):
+    """A checkpoint that must not be loaded as asked; the message says what to do instead."""
 
 
-def save(mngr, step, state):
-    """Starts an async save; call mngr.wait_until_finished() before relying on it."""
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+def fingerprint(path) -> str:
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:16]
 
 
-def restore(mngr, abstract_state, step=None):
-    """Restores onto the shardings carried by abstract_state (any mesh, any device count)."""
-    step = mngr.latest_step() if step is None else step
+def manager(directory, keep=3, keep_period=None) -> ocp.CheckpointManager:
+    directory = pathlib.Path(directory).absolute()
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, keep_period=keep_period, create=True, cleanup_tmp_directories=True)
+    return ocp.CheckpointManager(directory, options=options, item_handlers={
+        "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+
+
+def _shape_mismatch(saved_tree, abstract_params):
+    """The first parameter whose saved shape differs from the model's, as a message or None."""
+    saved = dict(jax.tree_util.tree_leaves_with_path(saved_tree))
+    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params):
+        key = jax.tree_util.keystr(path)
+        other = saved.get(path)
+        if other is None:
+            return f"parameter {key} is missing from the checkpoint"
+        if tuple(other.shape) != tuple(leaf.shape):
+            return (f"parameter {key} has shape {tuple(other.shape)} in the checkpoint but "
+                    f"{tuple(leaf.shape)} in this model")
+    return None
+
+
+class Checkpointer:
+    """Saves and restores one run's state, its metadata and each process's data iterator."""
+
+    def __init__(self, workdir, keep=3, keep_period=None):
+        self.workdir = pathlib.Path(workdir).absolute()
+        self.mngr = manager(self.workdir / "checkpoints", keep, keep_period)
+        self.data_dir = self.workdir / "data_state"
+
+    def latest_step(self):
+        return self.mngr.latest_step()
+
+    def uncommitted(self):
+        """Step directories that Orbax never finished (tmp names); listed for the log only."""
+        root = self.workdir / "checkpoints"
+        return sorted(p.name for p in root.iterdir() if ".orbax-checkpoint-tmp" in p.name)
+
+    def save(self, step, state, meta, data_iterator=None):
+        """Data state first (synchronously, atomically), then the async Orbax save."""
+        self.mngr.check_for_errors()  # a failed background save surfaces here, not never
+        if data_iterator is not None:
+            final = self.data_dir / str(step) / f"process_{jax.process_index()}"
+            tmp = final.with_name(final.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            data_iterator.save(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        self.mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+    def wait(self):
+        self.mngr.wait_until_finished()
+        self.mngr.check_for_errors()
+        self._prune_data_state()
+
+    def _prune_data_state(self):
+        if jax.process_index() != 0 or not self.data_dir.exists():
+            return
+        kept = {str(s) for s in self.mngr.all_steps()}
+        for path in self.data_dir.iterdir():
+            if path.name not in kept and not self._is_pending(path.name):
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _is_pending(self, name):
+        return name.isdigit() and int(name) > (self.mngr.latest_step() or -1)
+
+    def read_meta(self, step):
+        return self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def check_compatible(self, step, abstract_params, meta):
+        """Refuses a checkpoint of another model shape, tokenizer or process count."""
+        saved_meta = self.read_meta(step)
+        saved = self.mngr.item_metadata(step)["state"].tree["params"]
+        problem = _shape_mismatch(saved, abstract_params)
+        where = f"the checkpoint at step {step} in {self.mngr.directory}"
+        if problem:
+            raise CheckpointError(f"{where} is from a different model: {problem}; use a new "
+                                  "--workdir, or --config.init_from for a model of this shape")
+        if saved_meta["tokenizer"] != meta["tokenizer"]:
+            raise CheckpointError(f"{where} was trained with tokenizer {saved_meta['tokenizer']}"
+                                  f" but the workdir's tokenizer.model is {meta['tokenizer']}: "
+                                  "restore the original tokenizer.model or use a new --workdir")
+        if saved_meta["process_count"] != meta["process_count"]:
+            raise CheckpointError(f"{where} holds data state for {saved_meta['process_count']} "
+                                  f"processes but this run has {meta['process_count']}: resume "
+                                  f"with {saved_meta['process_count']} processes")
+
+    def restore(self, step, abstract_state, data_iterator=None):
+        """The state at `step` laid out by abstract_state's shardings (any mesh)."""
+        try:
+            restored = self.mngr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state)))
+        except Exception as e:  # Orbax and TensorStore raise many types for damaged files
+            raise CheckpointError(
+                f"the checkpoint at step {step} in {self.mngr.directory} cannot be read "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}): delete that step "
+                "directory to resume from the previous one") from e
+        if data_iterator is not None:
+            path = self.data_dir / str(step) / f"process_{jax.process_index()}"
+            if not path.exists():
+                raise CheckpointError(f"data state {path} for step {step} is missing: delete "
+                                      "the step directory to resume from the previous one")
+            data_iterator.restore(path)
+        return restored.state
+
+    def close(self):
+        self.wait()
+        self.mngr.close()
+
+
+def restore_params(source, abstract_state):
+    """Params only, from another run's workdir (or its checkpoints/ dir), onto this run's mesh."""
+    source = pathlib.Path(source)
+    if not (source / "checkpoints").exists() and (source.name == "checkpoints"):
+        source = source.parent
+    if not (source / "checkpoints").is_dir():
+        raise CheckpointError(f"config.init_from={source} holds no checkpoints/ directory: "
+                              "point it at a run's workdir")
+    other = Checkpointer(source)
+    step = other.latest_step()
     if step is None:
-        raise FileNotFoundError(f"no committed checkpoint under {mngr.directory}")
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
-    return restored.state
+        raise CheckpointError(f"config.init_from={source} has no committed checkpoint")
+    problem = _shape_mismatch(other.mngr.item_metadata(step)["state"].tree["params"],
+                              abstract_state.params)
+    if problem:
+        raise CheckpointError(f"config.init_from={source} (step {step}) is from a different "
+                              f"model: {problem}")
+    # Same parameter shapes means the same optimizer-state shapes: restore all, keep params.
+    params = other.restore(step, abstract_state).params
+    other.mngr.close()
+    logging.info("initialised params from %s step %d", source, step)
+    return params
+
+
+def config_json(config) -> str:
+    return json.dumps(config.to_dict(), sort_keys=True, default=str)

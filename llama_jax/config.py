@@ -1,6 +1,8 @@
 """Shared config defaults (the LLaMA recipe) and the checks that turn a loose ConfigDict into
 validated settings. Config files in configs/ call `base_config()` and change what differs."""
 
+import dataclasses
+
 import ml_collections
 
 from llama_jax.model import ModelConfig
@@ -34,13 +36,25 @@ def base_config(**model) -> ml_collections.ConfigDict:
         b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0,
         loss_chunk_size=0,  # sequence positions per output-projection chunk; 0 = whole sequence
         seed=0, log_every=10, eval_every=1000, eval_batches=8,
+        on_nan="abort",  # or "skip": drop the non-finite update and go on
     ))
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every_steps=1000,  # also saved at the end and on SIGTERM
+        keep=3,  # the newest N
+        keep_period=0,  # and, when > 0, every step divisible by it, forever
+    ))
+    c.init_from = ""  # another run's workdir: start from its params (fresh optimizer and step)
     return c
 
 
 def model_config(config) -> ModelConfig:
     """The one place where the loose config becomes a typed ModelConfig (unknown keys raise)."""
-    return ModelConfig(**config.model.to_dict())
+    fields = config.model.to_dict()
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(ModelConfig)})
+    if unknown:
+        raise ValueError(f"config.model has unknown keys {unknown}: remove them or fix their "
+                         "spelling (see llama_jax/model.py ModelConfig)")
+    return ModelConfig(**fields)
 
 
 def validate(config, mesh_sizes):
@@ -68,6 +82,10 @@ def validate(config, mesh_sizes):
     if train.warmup_steps >= train.steps:
         errors.append(f"train.warmup_steps={train.warmup_steps} is not shorter than train.steps="
                       f"{train.steps}: lower warmup_steps")
+    if train.on_nan not in ("abort", "skip"):
+        errors.append(f"train.on_nan={train.on_nan!r} is unknown: use 'abort' or 'skip'")
+    if config.checkpoint.every_steps <= 0 or config.checkpoint.keep <= 0:
+        errors.append("checkpoint.every_steps and checkpoint.keep must be positive")
     if train.loss_chunk_size and data.seq_len % train.loss_chunk_size:
         errors.append(f"train.loss_chunk_size={train.loss_chunk_size} does not divide "
                       f"data.seq_len={data.seq_len}")

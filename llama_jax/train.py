@@ -1,15 +1,20 @@
 """Training entry point: python -m llama_jax.train --config=configs/tiny.py --workdir=runs/tiny
 
-One linear function of named phases: mesh -> tokenizer and data -> abstract state and
-shardings -> init or restore -> loop (log, evaluate, checkpoint).
+One linear function of named phases: workdir -> mesh -> tokenizer and data -> abstract state
+and shardings -> init, restore or init_from -> loop (log, evaluate, checkpoint, preemption).
+Rerunning the same command on the same workdir resumes from its latest committed checkpoint.
 """
 
+import json
 import pathlib
+import shutil
+import signal
+import sys
 import time
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from llama_jax import checkpoint, optim, sharding, train_step
@@ -20,6 +25,10 @@ from llama_jax.model import Llama
 
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: tokenizer, metrics.jsonl, checkpoints.")
+
+
+class Preempted(SystemExit):
+    """Raised after the preemption checkpoint is committed; exits non-zero."""
 
 
 def evaluate(eval_fn, params, dataset, mesh, num_batches):
@@ -36,11 +45,42 @@ def evaluate(eval_fn, params, dataset, mesh, num_batches):
     return total / count
 
 
+def check_workdir(workdir, state_bytes):
+    """Fails before any compile when the workdir cannot hold the run's files."""
+    if workdir.exists() and not workdir.is_dir():
+        raise NotADirectoryError(f"--workdir={workdir} is a file: pass a directory path")
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / f".write_probe_{jax.process_index()}"
+    try:
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"--workdir={workdir} is not writable ({e.strerror}): fix its "
+                              "permissions or pick another directory") from e
+    free = shutil.disk_usage(workdir).free
+    need = 2 * state_bytes // jax.process_count()  # a new checkpoint beside the previous one
+    if free < need:
+        raise OSError(f"--workdir={workdir} has {free / 2**30:.2f} GiB free but a checkpoint "
+                      f"needs about {need / 2**30:.2f} GiB: free space or use another disk")
+
+
+def truncate_metrics(path, last_step):
+    """Drops records past the restored step, so a resumed run's log reads as one run."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
 def train(config, workdir):
     """Runs training; returns a summary dict (final train loss, first and last eval loss, ...)."""
     start = time.time()
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    if workdir.exists() and not workdir.is_dir():
+        raise NotADirectoryError(f"--workdir={workdir} is a file: pass a directory path")
 
     # Phase 1: mesh and validated settings.
     mesh = sharding.make_mesh(config.mesh)
@@ -49,27 +89,39 @@ def train(config, workdir):
     logging.info("mesh %s over %d devices; model %s, %.1fM parameters", dict(mesh.shape),
                  mesh.size, cfg, cfg.num_params() / 1e6)
 
-    # Phase 2: tokenizer and data, each process reading its own share.
+    # Phase 2: model, optimizer, abstract state and its shardings (no memory used yet).
+    model = Llama(cfg)
+    tx, schedule = optim.make_optimizer(tc)
+    abstract, shardings = train_step.state_shardings(model, tx, mesh, config.sharding_rules,
+                                                     data.seq_len)
+    check_workdir(workdir, sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract)))
+
+    # Phase 3: tokenizer and data, each process reading its own share.
     tokenizer = tokenizer_lib.get_tokenizer(workdir, data, cfg.vocab_size)
     local_batch = data.global_batch_size // jax.process_count()
     shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
     train_ds = pipeline.make_dataset("train", data, tokenizer, local_batch, **shard)
     eval_ds = pipeline.make_dataset("validation", data, tokenizer, local_batch, **shard)
+    data_iterator = None  # the pipeline's checkpointable iterator plugs in here
 
-    # Phase 3: model, optimizer, abstract state and its shardings (no memory used yet).
-    model = Llama(cfg)
-    tx, schedule = optim.make_optimizer(tc)
-    abstract, shardings = train_step.state_shardings(model, tx, mesh, config.sharding_rules,
-                                                     data.seq_len)
-
-    # Phase 4: init straight into sharded memory, or restore the latest checkpoint.
-    mngr = checkpoint.manager(workdir)
-    if mngr.latest_step() is not None:
-        state = checkpoint.restore(mngr, abstract)
-        logging.info("restored step %d from %s", int(state.step), mngr.directory)
+    # Phase 4: restore the latest checkpoint, or init (from scratch or another run's params).
+    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep,
+                                   config.checkpoint.keep_period or None)
+    meta = {"config": checkpoint.config_json(config), "process_count": jax.process_count(),
+            "tokenizer": checkpoint.fingerprint(workdir / "tokenizer.model")}
+    latest = ckpt.latest_step()
+    if ckpt.uncommitted():
+        logging.warning("ignoring unfinished checkpoint saves %s", ckpt.uncommitted())
+    if latest is not None:
+        ckpt.check_compatible(latest, abstract.params, meta)
+        state = ckpt.restore(latest, abstract, data_iterator)
+        truncate_metrics(workdir / "metrics.jsonl", latest)
+        logging.info("resumed from step %d in %s", latest, ckpt.mngr.directory)
     else:
         state = train_step.init_state(jax.random.key(tc.seed), model, tx, shardings,
                                       data.seq_len)
+        if config.init_from:
+            state = state.replace(params=checkpoint.restore_params(config.init_from, abstract))
 
     # Phase 5: the loop.
     step_fn = train_step.jit_train_step(model, tx, schedule, mesh, shardings, tc.loss_chunk_size)
@@ -78,38 +130,66 @@ def train(config, workdir):
     batches = pipeline.global_batches(train_ds, sharding.batch_sharding(mesh))
     first_step = int(state.step)
     summary = {"first_step": first_step, "eval_loss": []}
-    if first_step == 0:
-        loss = evaluate(eval_fn, state.params, eval_ds, mesh, tc.eval_batches)
-        writer.write(0, {"eval_loss": loss})
-        summary["eval_loss"].append(loss)
+    sigterm = []
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: sigterm.append(time.time()))
 
-    window_start, window_tokens = time.time(), 0
-    for step in range(first_step + 1, tc.steps + 1):
-        state, metrics = step_fn(state, next(batches))
-        window_tokens += data.global_batch_size * data.seq_len
-        if step % tc.log_every == 0 or step == tc.steps:
-            metrics = jax.device_get(metrics)  # waits for the step: the timing below is real
-            elapsed = time.time() - window_start
-            if not jnp.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"loss is {metrics['loss']} at step {step}: lower "
-                                         "train.lr or raise train.warmup_steps")
-            writer.write(step, {**metrics, "tokens_per_sec": window_tokens / elapsed})
-            summary["train_loss"] = float(metrics["loss"])
-            window_start, window_tokens = time.time(), 0
-        if step % tc.eval_every == 0 or step == tc.steps:
+    def save(step):
+        ckpt.save(step, state, meta, data_iterator)
+
+    try:
+        if first_step == 0:
             loss = evaluate(eval_fn, state.params, eval_ds, mesh, tc.eval_batches)
-            writer.write(step, {"eval_loss": loss})
+            writer.write(0, {"eval_loss": loss})
             summary["eval_loss"].append(loss)
-            window_start, window_tokens = time.time(), 0  # evaluation is not throughput
+        window_start, window_tokens, skipped, last_checked = time.time(), 0, 0, first_step
+        for step in range(first_step + 1, tc.steps + 1):
+            state, metrics = step_fn(state, next(batches))
+            window_tokens += data.global_batch_size * data.seq_len
+            if not metrics["finite"]:  # one scalar fetch a step, so no bad step goes unseen
+                skipped += 1
+                if tc.on_nan == "abort":
+                    raise FloatingPointError(
+                        f"non-finite loss or gradient in steps {last_checked + 1}..{step} "
+                        f"(the update was dropped); last good checkpoint: step "
+                        f"{ckpt.latest_step()} in {ckpt.mngr.directory}. Lower train.lr, "
+                        "raise train.warmup_steps, or set train.on_nan=skip")
+                logging.warning("step %d: non-finite loss or gradient, update skipped", step)
+            last_checked = step
+            if step % tc.log_every == 0 or step == tc.steps:
+                metrics = jax.device_get(metrics)  # waits for the step: the timing below is real
+                elapsed = time.time() - window_start
+                writer.write(step, {**metrics, "tokens_per_sec": window_tokens / elapsed,
+                                    "skipped_steps": skipped})
+                summary["train_loss"] = float(metrics["loss"])
+                window_start, window_tokens = time.time(), 0
+            if step % tc.eval_every == 0 or step == tc.steps:
+                loss = evaluate(eval_fn, state.params, eval_ds, mesh, tc.eval_batches)
+                writer.write(step, {"eval_loss": loss})
+                summary["eval_loss"].append(loss)
+                window_start, window_tokens = time.time(), 0  # evaluation is not throughput
+            if step % config.checkpoint.every_steps == 0 or step == tc.steps:
+                save(step)
+            if _preempted(step, sigterm):
+                if ckpt.latest_step() != step:
+                    save(step)
+                ckpt.wait()
+                raise Preempted(f"preempted at step {step}: checkpoint saved in "
+                                f"{ckpt.mngr.directory}; rerun the same command to resume")
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        ckpt.close()  # waits for the last async save and raises its error, if any
 
-    if int(state.step) > first_step:
-        checkpoint.save(mngr, int(state.step), state)
-    mngr.wait_until_finished()
-    mngr.close()
     summary.update(steps=int(state.step), wall_s=time.time() - start,
-                   checkpoint=str(mngr.directory))
+                   checkpoint=str(ckpt.mngr.directory))
     logging.info("done: %s", summary)
     return summary
+
+
+def _preempted(step, sigterm):
+    """True on every process at the same step once any of them was told to stop."""
+    if jax.process_count() > 1:
+        return multihost_utils.reached_preemption_sync_point(step)
+    return bool(sigterm)
 
 
 def main(argv):
@@ -118,7 +198,11 @@ def main(argv):
     if flags.FLAGS.config is None or flags.FLAGS.workdir is None:
         raise app.UsageError("--config and --workdir are both required, e.g. "
                              "--config=configs/tiny.py --workdir=runs/tiny")
-    train(flags.FLAGS.config, flags.FLAGS.workdir)
+    try:
+        train(flags.FLAGS.config, flags.FLAGS.workdir)
+    except (ValueError, KeyError, OSError, FloatingPointError) as e:
+        # a known failure is one line that says the fix, not a traceback wall
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -60,14 +60,20 @@ def loss_fn(params, batch, model, chunk_size):
 
 
 def train_step(state, batch, *, model, tx, schedule, chunk_size):
+    """One optimizer step. A non-finite loss or gradient drops the update (params and optimizer
+    state stay as they were) and reports finite=0; train.py decides whether to stop."""
     (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, batch, model, chunk_size)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                     (params, opt_state), (state.params, state.opt_state))
     metrics = {
-        "loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads),
+        "loss": loss, "tokens": count, "grad_norm": grad_norm,
         "param_norm": optax.tree.norm(params), "update_norm": optax.tree.norm(updates),
-        "learning_rate": schedule(state.step),
+        "learning_rate": schedule(state.step), "finite": finite.astype(jnp.float32),
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -44,13 +44,13 @@ def test_train_end_to_end_logs_evaluates_and_checkpoints(tmp_path):
     # the final checkpoint restores onto another mesh with identical parameters
     model = Llama(model_config(config))
     tx, _ = optim.make_optimizer(config.train)
-    mngr = checkpoint.manager(tmp_path)
-    assert mngr.latest_step() == 40
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    assert ckpt.latest_step() == 40
     restored = {}
     for mesh_config in ({"data": 2, "fsdp": 2, "tensor": 2}, {"data": 1, "fsdp": 8, "tensor": 1}):
         mesh = sharding.make_mesh(mesh_config)
         abstract, _ = train_step.state_shardings(model, tx, mesh, "fsdp", config.data.seq_len)
-        restored[len(restored)] = checkpoint.restore(mngr, abstract)
+        restored[len(restored)] = ckpt.restore(40, abstract)
     assert int(restored[1].step) == 40
     assert restored[1].params["output"].sharding.spec == P("fsdp", None)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
