@@ -98,10 +98,10 @@ class Checkpointer:
 
     def check_compatible(self, step, abstract_params, meta):
         """Refuses a checkpoint of another model shape, tokenizer or process count."""
-        saved_meta = self.read_meta(step)
-        saved = self.mngr.item_metadata(step)["state"].tree["params"]
-        problem = _shape_mismatch(saved, abstract_params)
         where = f"the checkpoint at step {step} in {self.mngr.directory}"
+        saved_meta, saved = self._unreadable_is_an_error(step, lambda: (
+            self.read_meta(step), self.mngr.item_metadata(step)["state"].tree["params"]))
+        problem = _shape_mismatch(saved, abstract_params)
         if problem:
             raise CheckpointError(f"{where} is from a different model: {problem}; use a new "
                                   "--workdir, or --config.init_from for a model of this shape")
@@ -116,14 +116,8 @@ class Checkpointer:
 
     def restore(self, step, abstract_state, data_iterator=None):
         """The state at `step` laid out by abstract_state's shardings (any mesh)."""
-        try:
-            restored = self.mngr.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state)))
-        except Exception as e:  # Orbax and TensorStore raise many types for damaged files
-            raise CheckpointError(
-                f"the checkpoint at step {step} in {self.mngr.directory} cannot be read "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}): delete that step "
-                "directory to resume from the previous one") from e
+        restored = self._unreadable_is_an_error(step, lambda: self.mngr.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))))
         if data_iterator is not None:
             path = self.data_dir / str(step) / f"process_{jax.process_index()}"
             if not path.exists():
@@ -131,6 +125,16 @@ class Checkpointer:
                                       "the step directory to resume from the previous one")
             data_iterator.restore(path)
         return restored.state
+
+    def _unreadable_is_an_error(self, step, read):
+        try:
+            return read()
+        except Exception as e:  # Orbax, TensorStore and json raise many types for damaged files
+            first_line = (str(e).splitlines() or [""])[0][:200]
+            raise CheckpointError(
+                f"the checkpoint at step {step} in {self.mngr.directory} cannot be read "
+                f"({type(e).__name__}: {first_line}): delete that step directory to resume "
+                "from the previous one") from e
 
     def close(self):
         self.wait()

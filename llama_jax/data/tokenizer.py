@@ -36,7 +36,11 @@ def train_tokenizer(files, vocab_size: int, out_path, sample_lines: int = 2_000_
 
 
 def load_tokenizer(path, model_vocab_size: int) -> spm.SentencePieceProcessor:
-    sp = spm.SentencePieceProcessor(model_file=str(path))
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"tokenizer {path} cannot be read ({e}): delete it to train a new one "
+                         "(a new tokenizer needs a new --workdir)") from e
     if sp.vocab_size() > model_vocab_size:
         raise ValueError(f"tokenizer {path} has {sp.vocab_size()} pieces but model.vocab_size is "
                          f"{model_vocab_size}: raise model.vocab_size or use a smaller tokenizer")

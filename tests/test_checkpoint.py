@@ -1,0 +1,217 @@
+"""Checkpoints, resume and failure handling: every row fails loudly or recovers exactly."""
+
+import json
+import re
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import ROOT, micro_config, random_batch
+from llama_jax import checkpoint, optim, sharding, train_step
+from llama_jax.config import model_config
+from llama_jax.data import corpus, tokenizer
+from llama_jax.metrics import read_metrics
+from llama_jax.model import Llama
+from llama_jax.train import train
+
+
+def config_for(steps=4, **train):
+    config = micro_config()
+    config.train.update(steps=steps, warmup_steps=1, log_every=1, eval_every=100,
+                        eval_batches=1, **train)
+    config.checkpoint.every_steps = 2
+    return config
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """A finished 4-step run with checkpoints at steps 2 and 4."""
+    workdir = tmp_path_factory.mktemp("base") / "run"
+    train(config_for(), workdir)
+    return workdir
+
+
+@pytest.fixture
+def run_copy(base_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(base_run, workdir)
+    return workdir
+
+
+def restored_params(workdir, config, step):
+    model = Llama(model_config(config))
+    tx, _ = optim.make_optimizer(config.train)
+    mesh = sharding.make_mesh(config.mesh)
+    abstract, _ = train_step.state_shardings(model, tx, mesh, "fsdp", config.data.seq_len)
+    ckpt = checkpoint.Checkpointer(workdir)
+    state = ckpt.restore(step, abstract)
+    ckpt.close()
+    return state
+
+
+def test_checkpoints_are_kept_by_count_and_period(tmp_path):
+    config = config_for(steps=7)
+    config.checkpoint.update(every_steps=1, keep=2, keep_period=3)
+    train(config, tmp_path)
+    assert checkpoint.Checkpointer(tmp_path).mngr.all_steps() == [3, 6, 7]
+    meta = checkpoint.Checkpointer(tmp_path).read_meta(7)
+    assert json.loads(meta["config"])["model"]["dim"] == 64 and meta["process_count"] == 1
+
+
+def test_an_unfinished_save_is_never_loaded(run_copy):
+    steps = run_copy / "checkpoints"
+    (steps / "4").rename(steps / "4.orbax-checkpoint-tmp-1234567")
+    summary = train(config_for(), run_copy)
+    assert summary["first_step"] == 2  # resumed from the last committed step
+    assert [r["step"] for r in read_metrics(run_copy) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_skip_drops_non_finite_updates_and_keeps_the_state(run_copy, monkeypatch):
+    real = train_step.loss_fn
+    monkeypatch.setattr(train_step, "loss_fn",
+                        lambda *a: (lambda loss, count: (loss * jnp.nan, count))(*real(*a)))
+    config = config_for(steps=6, on_nan="skip")
+    train(config, run_copy)
+    records = [r for r in read_metrics(run_copy) if "loss" in r]
+    assert records[-1]["skipped_steps"] == 2 and records[-1]["finite"] == 0.0
+    before, after = restored_params(run_copy, config, 4), restored_params(run_copy, config, 6)
+    assert int(after.step) == 6
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(before.params),
+                 jax.device_get(after.params))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(before.opt_state),
+                 jax.device_get(after.opt_state))
+
+
+def test_abort_names_the_steps_and_the_last_good_checkpoint(run_copy, monkeypatch):
+    real = train_step.loss_fn
+    monkeypatch.setattr(train_step, "loss_fn",
+                        lambda *a: (lambda loss, count: (loss * jnp.inf, count))(*real(*a)))
+    with pytest.raises(FloatingPointError, match=r"steps 5\.\.5 .*last good checkpoint: step 4"):
+        train(config_for(steps=8), run_copy)
+
+
+def test_train_step_skip_keeps_every_leaf_bit_identical():
+    config = micro_config()
+    model = Llama(model_config(config))
+    tx, schedule = optim.make_optimizer(config.train)
+    mesh = sharding.make_mesh({"fsdp": -1})
+    _, shardings = train_step.state_shardings(model, tx, mesh, "fsdp", 32)
+    state = train_step.init_state(jax.random.key(0), model, tx, shardings, 32)
+    step = train_step.jit_train_step(model, tx, schedule, mesh, shardings)
+    batch = random_batch(jax.random.key(1), 8, 32, 512)
+    state, _ = step(state, batch)
+    before = jax.device_get(state)
+    batch["loss_mask"] = batch["loss_mask"].at[0, 0].set(jnp.nan)
+    state, metrics = step(state, batch)
+    assert float(metrics["finite"]) == 0.0 and int(state.step) == 2
+    jax.tree.map(np.testing.assert_array_equal, before.params, jax.device_get(state.params))
+    jax.tree.map(np.testing.assert_array_equal, before.opt_state,
+                 jax.device_get(state.opt_state))
+
+
+def test_sigterm_saves_the_current_step_and_exits_nonzero(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    overrides = {"model.vocab_size": 512, "model.dim": 64, "model.n_heads": 4,
+                 "model.ffn_dim": 128, "model.n_layers": 2, "data.seq_len": 32,
+                 "data.tokenizer_vocab_size": 512, "data.tokenizer_sample_lines": 20000,
+                 "train.steps": 100000, "train.warmup_steps": 1, "train.log_every": 1,
+                 "train.eval_every": 100000, "train.eval_batches": 1,
+                 "checkpoint.every_steps": 100000}
+    cmd = [sys.executable, "-m", "llama_jax.train", "--config=configs/tiny.py",
+           f"--workdir={tmp_path}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (
+            metrics.exists() and sum(1 for _ in metrics.open()) >= 4):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    saved = checkpoint.Checkpointer(tmp_path).latest_step()
+    assert f"preempted at step {saved}: checkpoint saved" in stderr
+    assert "rerun the same command to resume" in stderr
+    assert saved >= 3 and max(r["step"] for r in read_metrics(tmp_path)) == saved
+
+
+def _set(config, key, value):
+    section, name = key.split(".")
+    config[section][name] = value
+
+
+def _meta_file(workdir, step):
+    return next((pathlib.Path(workdir) / "checkpoints" / str(step) / "meta").glob("*"))
+
+
+# (what goes wrong, how to break it, the message) — each must fail before training proceeds
+ROWS = [
+    ("mesh product != device count",
+     lambda c, w: c.mesh.update(data=2, fsdp=2, tensor=1), "has 4 devices but 8"),
+    ("n_heads not divisible by tensor",
+     lambda c, w: c.mesh.update(data=1, fsdp=1, tensor=8), "not divisible by mesh.tensor=8"),
+    ("n_heads not divisible by n_kv_heads",
+     lambda c, w: _set(c, "model.n_kv_heads", 3), "not divisible by model.n_kv_heads=3"),
+    ("global batch not divisible by data*fsdp",
+     lambda c, w: _set(c, "data.global_batch_size", 12), "global_batch_size=12 is not divisible"),
+    ("seq_len > max_seq_len",
+     lambda c, w: _set(c, "data.seq_len", 128), "seq_len=128 exceeds model.max_seq_len=64"),
+    ("tokenizer vocab > model vocab",
+     lambda c, w: _set(c, "data.tokenizer_vocab_size", 1024), "tokenizer_vocab_size=1024 exceeds"),
+    ("unknown config key",
+     lambda c, w: c.model.__setattr__("hidden", 3) if c.model.unlock() else None,
+     r"unknown keys \['hidden'\]"),
+    ("zero learning rate", lambda c, w: _set(c, "train.lr", 0.0), "train.lr=0.0 must be positive"),
+    ("negative steps", lambda c, w: _set(c, "train.steps", -5), "train.steps=-5 must be positive"),
+    ("warmup longer than training",
+     lambda c, w: _set(c, "train.warmup_steps", 10), "warmup_steps=10 is not shorter"),
+    ("checkpoint from a different model",
+     lambda c, w: _set(c, "model.ffn_dim", 192),
+     r"\['w1'\] has shape \(2, 64, 128\) in the checkpoint but \(2, 64, 192\)"),
+    ("corrupt checkpoint",
+     lambda c, w: [f.write_bytes(b"garbage") for f in (w / "checkpoints" / "4" / "state").rglob(
+         "*") if f.is_file()], "cannot be read .*delete that step directory"),
+    ("resume with a different tokenizer",
+     lambda c, w: tokenizer.train_tokenizer(corpus.stdlib_files("train")[:10], 480,
+                                            w / "tokenizer.model", 5000),
+     "trained with tokenizer"),
+    ("data state from another process count",
+     lambda c, w: _meta_file(w, 4).write_text(_meta_file(w, 4).read_text().replace(
+         '"process_count": 1', '"process_count": 2')), "holds data state for 2 processes"),
+    ("workdir is a file", "file", "is a file: pass a directory path"),
+]
+
+
+@pytest.mark.parametrize("name, breaker, message", ROWS, ids=[r[0] for r in ROWS])
+def test_bad_input_is_one_clear_error(name, breaker, message, run_copy):
+    config = config_for(steps=6)
+    workdir = run_copy
+    if breaker == "file":
+        workdir = run_copy / "metrics.jsonl"
+    else:
+        breaker(config, run_copy)
+    before = sorted(p.name for p in (run_copy / "checkpoints").iterdir())
+    with pytest.raises((ValueError, OSError)) as raised:
+        train(config, workdir)
+    assert len(str(raised.value).splitlines()) == 1
+    assert re.search(message, str(raised.value)), str(raised.value)
+    assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == before  # nothing lost
+
+
+def test_cli_prints_one_line_not_a_traceback(tmp_path):
+    (tmp_path / "file").write_text("x")
+    done = subprocess.run([sys.executable, "-m", "llama_jax.train", "--config=configs/tiny.py",
+                           f"--workdir={tmp_path / 'file'}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == \
+        f"error: --workdir={tmp_path / 'file'} is a file: pass a directory path"
+    assert "Traceback" not in done.stderr
