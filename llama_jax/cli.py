@@ -4,7 +4,7 @@
 import runpy
 import sys
 
-COMMANDS = {"train": "llama_jax.train"}
+COMMANDS = {"train": "llama_jax.train", "bench": "llama_jax.bench"}
 
 
 def main():

@@ -1,0 +1,123 @@
+"""Benchmark: python -m llama_jax.bench --config=configs/cpu_bench.py [--steps=N]
+
+Runs the real sharded train step on synthetic tokens and prints one JSON line: throughput,
+median step time after compile, compile time, FLOPs, MFU against a stated peak, and memory.
+"""
+
+import json
+import resource
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from ml_collections import config_flags
+
+from llama_jax import optim, sharding, train_step
+from llama_jax.config import validate
+from llama_jax.model import Llama
+
+config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
+flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up step).")
+
+# Dense bf16 datasheet peaks per chip, FLOP/s.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
+              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12}
+
+
+def measured_cpu_peak(size=2048, repeats=5):
+    """FLOP/s of a large float32 matmul on this host: the CPU has no datasheet number here."""
+    a = jnp.ones((size, size), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
+def peak_flops(device):
+    if device.platform == "cpu":
+        return measured_cpu_peak(), "measured float32 matmul"
+    for name, peak in PEAK_FLOPS.items():
+        if name in device.device_kind:
+            return peak, f"{device.device_kind} bf16 datasheet"
+    raise ValueError(f"no peak FLOP/s known for {device.device_kind!r}: add it to PEAK_FLOPS "
+                     "in llama_jax/bench.py")
+
+
+def synthetic_batch(mesh, batch_size, seq_len, vocab_size):
+    tokens = jax.random.randint(jax.random.key(0), (batch_size, seq_len + 1), 0, vocab_size)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+             "positions": jnp.broadcast_to(jnp.arange(seq_len), (batch_size, seq_len)),
+             "segment_ids": jnp.ones((batch_size, seq_len), jnp.int32),
+             "loss_mask": jnp.ones((batch_size, seq_len), jnp.float32)}
+    return jax.device_put(batch, train_step.batch_shardings(mesh))
+
+
+def bench(config, steps):
+    mesh = sharding.make_mesh(config.mesh)
+    cfg = validate(config, mesh.devices.shape)
+    seq_len, batch_size = config.data.seq_len, config.data.global_batch_size
+    model = Llama(cfg)
+    tx, schedule = optim.make_optimizer(config.train)
+    _, shardings = train_step.state_shardings(model, tx, mesh, config.sharding_rules, seq_len)
+    state = train_step.init_state(jax.random.key(0), model, tx, shardings, seq_len)
+    batch = synthetic_batch(mesh, batch_size, seq_len, cfg.vocab_size)
+    step_fn = train_step.jit_train_step(model, tx, schedule, mesh, shardings,
+                                        config.train.loss_chunk_size)
+
+    start = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    state, metrics = compiled(state, batch)  # warm-up: first-run allocations are not timed
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+
+    step_time = statistics.median(times)
+    tokens_per_sec = batch_size * seq_len / step_time
+    flops_per_token = cfg.flops_per_token(seq_len)
+    peak, peak_source = peak_flops(jax.devices()[0])
+    achieved = tokens_per_sec * flops_per_token
+    memory = jax.devices()[0].memory_stats() or {}
+    return {
+        "config": {"dim": cfg.dim, "n_layers": cfg.n_layers, "seq_len": seq_len,
+                   "global_batch_size": batch_size, "dtype": cfg.dtype, "remat": cfg.remat,
+                   "scan_layers": cfg.scan_layers, "loss_chunk_size":
+                   config.train.loss_chunk_size, "mesh": dict(mesh.shape)},
+        "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",
+        "tokens_per_sec": round(tokens_per_sec, 1),
+        "step_time_s": round(step_time, 4),
+        "step_time_min_max_s": [round(min(times), 4), round(max(times), 4)],
+        "compile_s": round(compile_s, 2),
+        "flops_per_token": flops_per_token,
+        "achieved_gflops_per_sec": round(achieved / 1e9, 1),
+        "peak_gflops_per_sec": round(peak * mesh.size / 1e9, 1),
+        "peak_source": peak_source,
+        "mfu": round(achieved / (peak * mesh.size), 4),
+        "final_loss": round(float(metrics["loss"]), 4),
+        "peak_host_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "device_peak_bytes_in_use": memory.get("peak_bytes_in_use"),
+    }
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if flags.FLAGS.config is None:
+        raise app.UsageError("--config is required, e.g. --config=configs/cpu_bench.py")
+    if flags.FLAGS.steps < 1:
+        raise app.UsageError("--steps must be at least 1")
+    print(json.dumps(bench(flags.FLAGS.config, flags.FLAGS.steps)))
+
+
+if __name__ == "__main__":
+    app.run(main)
