@@ -15,39 +15,12 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from llama_jax import optim, sharding, train_step
+from llama_jax.metrics import peak_flops
 from llama_jax.config import validate
 from llama_jax.model import Llama
 
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up step).")
-
-# Dense bf16 datasheet peaks per chip, FLOP/s.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
-              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12}
-
-
-def measured_cpu_peak(size=2048, repeats=5):
-    """FLOP/s of a large float32 matmul on this host: the CPU has no datasheet number here."""
-    a = jnp.ones((size, size), jnp.float32)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best
-
-
-def peak_flops(device):
-    if device.platform == "cpu":
-        return measured_cpu_peak(), "measured float32 matmul"
-    for name, peak in PEAK_FLOPS.items():
-        if name in device.device_kind:
-            return peak, f"{device.device_kind} bf16 datasheet"
-    raise ValueError(f"no peak FLOP/s known for {device.device_kind!r}: add it to PEAK_FLOPS "
-                     "in llama_jax/bench.py")
-
 
 def synthetic_batch(mesh, batch_size, seq_len, vocab_size):
     tokens = jax.random.randint(jax.random.key(0), (batch_size, seq_len + 1), 0, vocab_size)

@@ -43,6 +43,9 @@ def base_config(**model) -> ml_collections.ConfigDict:
         keep=3,  # the newest N
         keep_period=0,  # and, when > 0, every step divisible by it, forever
     ))
+    c.profile = ml_collections.ConfigDict(dict(
+        steps="",  # "START:END" captures a JAX profiler trace into WORKDIR/tensorboard
+    ))
     c.init_from = ""  # another run's workdir: start from its params (fresh optimizer and step)
     return c
 
@@ -86,9 +89,21 @@ def validate(config, mesh_sizes):
         errors.append(f"train.on_nan={train.on_nan!r} is unknown: use 'abort' or 'skip'")
     if config.checkpoint.every_steps <= 0 or config.checkpoint.keep <= 0:
         errors.append("checkpoint.every_steps and checkpoint.keep must be positive")
+    if config.profile.steps and profile_range(config.profile.steps) is None:
+        errors.append(f"profile.steps={config.profile.steps!r} is not START:END with "
+                      "0 <= START < END, e.g. '10:15'")
     if train.loss_chunk_size and data.seq_len % train.loss_chunk_size:
         errors.append(f"train.loss_chunk_size={train.loss_chunk_size} does not divide "
                       f"data.seq_len={data.seq_len}")
     if errors:
         raise ValueError("; ".join(errors))
     return cfg
+
+
+def profile_range(text):
+    """'10:15' -> (10, 15); anything else -> None."""
+    try:
+        start, end = (int(x) for x in text.split(":"))
+    except ValueError:
+        return None
+    return (start, end) if 0 <= start < end else None

@@ -1,24 +1,101 @@
-"""Run metrics: a log line every few steps and the same values as JSON lines in metrics.jsonl."""
+"""Watching a run: metrics.jsonl, TensorBoard scalars, a terminal progress line, MFU.
 
+Only process 0 writes. metrics.jsonl is the record tests and plots read; TensorBoard gets the
+same values under WORKDIR/tensorboard; the progress line is for a person at a terminal.
+"""
+
+import functools
 import json
 import pathlib
+import sys
+import time
 
+import jax
+import jax.numpy as jnp
 from absl import logging
+
+# Dense bf16 datasheet peaks per chip, FLOP/s.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
+              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12}
+
+
+@functools.lru_cache(maxsize=None)  # measured once per process
+def measured_cpu_peak(size=2048, repeats=5):
+    """FLOP/s of a large float32 matmul on this host: a CPU has no datasheet number here."""
+    a = jnp.ones((size, size), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
+def peak_flops(device):
+    """(peak FLOP/s of one device, where the number comes from)."""
+    if device.platform == "cpu":
+        return measured_cpu_peak(), "measured float32 matmul"
+    for name, peak in PEAK_FLOPS.items():
+        if name in device.device_kind:
+            return peak, f"{device.device_kind} bf16 datasheet"
+    raise ValueError(f"no peak FLOP/s known for {device.device_kind!r}: add it to PEAK_FLOPS "
+                     "in llama_jax/metrics.py")
+
+
+def _duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class MetricsWriter:
-    def __init__(self, workdir, enabled=True):
+    def __init__(self, workdir, enabled=True, total_steps=None, config_text=None):
         self.enabled = enabled
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self.total_steps = total_steps
+        self.tty = sys.stderr.isatty()
+        self.started = time.time()
+        self.tb = None
+        if enabled:
+            import tensorflow as tf  # only process 0 pays for the TensorBoard writer
+            self.tf = tf
+            self.tb = tf.summary.create_file_writer(str(pathlib.Path(workdir) / "tensorboard"))
+            if config_text:
+                with self.tb.as_default():
+                    tf.summary.text("config", f"```\n{config_text}\n```", step=0)
 
-    def write(self, step, values):
-        if not self.enabled:  # only process 0 writes
+    def write(self, step, values, prefix="train"):
+        if not self.enabled:
             return
         record = {"step": int(step), **{k: float(v) for k, v in values.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        logging.info("step %d  %s", step, "  ".join(
-            f"{k} {v:.4g}" for k, v in record.items() if k != "step"))
+        with self.tb.as_default():
+            for key, value in record.items():
+                if key != "step":
+                    tag = f"{prefix}/{key.removeprefix(prefix + '_')}"  # eval_loss -> eval/loss
+                    self.tf.summary.scalar(tag, value, step=int(step))
+        self.tb.flush()
+        line = "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step")
+        logging.info("step %d  %s", step, line)
+        if self.tty and prefix == "train" and self.total_steps:
+            self._progress(step, record)
+
+    def _progress(self, step, record):
+        rate = (time.time() - self.started) / max(step, 1)
+        eta = _duration(rate * (self.total_steps - step))
+        mfu = f"  MFU {100 * record['mfu']:.1f}%" if "mfu" in record else ""
+        sys.stderr.write(f"\rstep {step}/{self.total_steps}  loss {record.get('loss', 0):.4f}  "
+                         f"{record.get('tokens_per_sec', 0):,.0f} tok/s{mfu}  ETA {eta}   ")
+        sys.stderr.flush()
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+        if self.tty and self.enabled:
+            sys.stderr.write("\n")
 
 
 def read_metrics(workdir):

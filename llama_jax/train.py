@@ -18,9 +18,9 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from llama_jax import checkpoint, optim, sharding, train_step
-from llama_jax.config import validate
+from llama_jax.config import profile_range, validate
 from llama_jax.data import pipeline, tokenizer as tokenizer_lib
-from llama_jax.metrics import MetricsWriter
+from llama_jax.metrics import MetricsWriter, peak_flops
 from llama_jax.model import Llama
 
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
@@ -126,7 +126,12 @@ def train(config, workdir):
     # Phase 5: the loop.
     step_fn = train_step.jit_train_step(model, tx, schedule, mesh, shardings, tc.loss_chunk_size)
     eval_fn = train_step.jit_eval_step(model, mesh, shardings, tc.loss_chunk_size)
-    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0, total_steps=tc.steps,
+                           config_text=str(config))
+    flops_per_token = cfg.flops_per_token(data.seq_len)
+    tokens_per_step = data.global_batch_size * data.seq_len
+    peak, _ = peak_flops(jax.devices()[0])
+    profile = profile_range(config.profile.steps) if config.profile.steps else None
     batches = pipeline.global_batches(train_ds, sharding.batch_sharding(mesh))
     first_step = int(state.step)
     summary = {"first_step": first_step, "eval_loss": []}
@@ -139,12 +144,19 @@ def train(config, workdir):
     try:
         if first_step == 0:
             loss = evaluate(eval_fn, state.params, eval_ds, mesh, tc.eval_batches)
-            writer.write(0, {"eval_loss": loss})
+            writer.write(0, {"eval_loss": loss}, prefix="eval")
             summary["eval_loss"].append(loss)
-        window_start, window_tokens, skipped, last_checked = time.time(), 0, 0, first_step
+        window_start, window_tokens, window_steps = time.time(), 0, 0
+        skipped, last_checked = 0, first_step
         for step in range(first_step + 1, tc.steps + 1):
+            if profile and step == profile[0]:
+                jax.profiler.start_trace(str(workdir / "tensorboard"))
             state, metrics = step_fn(state, next(batches))
             window_tokens += data.global_batch_size * data.seq_len
+            window_steps += 1
+            if profile and step == profile[1]:
+                jax.block_until_ready(metrics)
+                jax.profiler.stop_trace()
             if not metrics["finite"]:  # one scalar fetch a step, so no bad step goes unseen
                 skipped += 1
                 if tc.on_nan == "abort":
@@ -158,15 +170,18 @@ def train(config, workdir):
             if step % tc.log_every == 0 or step == tc.steps:
                 metrics = jax.device_get(metrics)  # waits for the step: the timing below is real
                 elapsed = time.time() - window_start
-                writer.write(step, {**metrics, "tokens_per_sec": window_tokens / elapsed,
-                                    "skipped_steps": skipped})
+                tokens_per_sec = window_tokens / elapsed
+                writer.write(step, {
+                    **metrics, "tokens_per_sec": tokens_per_sec, "skipped_steps": skipped,
+                    "step_time_s": elapsed / window_steps, "tokens_seen": step * tokens_per_step,
+                    "mfu": tokens_per_sec * flops_per_token / (peak * mesh.size)})
                 summary["train_loss"] = float(metrics["loss"])
-                window_start, window_tokens = time.time(), 0
+                window_start, window_tokens, window_steps = time.time(), 0, 0
             if step % tc.eval_every == 0 or step == tc.steps:
                 loss = evaluate(eval_fn, state.params, eval_ds, mesh, tc.eval_batches)
-                writer.write(step, {"eval_loss": loss})
+                writer.write(step, {"eval_loss": loss}, prefix="eval")
                 summary["eval_loss"].append(loss)
-                window_start, window_tokens = time.time(), 0  # evaluation is not throughput
+                window_start, window_tokens, window_steps = time.time(), 0, 0  # not throughput
             if step % config.checkpoint.every_steps == 0 or step == tc.steps:
                 save(step)
             if _preempted(step, sigterm):
@@ -177,12 +192,23 @@ def train(config, workdir):
                                 f"{ckpt.mngr.directory}; rerun the same command to resume")
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
+        writer.close()
         ckpt.close()  # waits for the last async save and raises its error, if any
-
-    summary.update(steps=int(state.step), wall_s=time.time() - start,
-                   checkpoint=str(ckpt.mngr.directory))
-    logging.info("done: %s", summary)
+        summary.update(steps=int(state.step), wall_s=time.time() - start,
+                       checkpoint=str(ckpt.mngr.directory), last_saved=ckpt.latest_step())
+        logging.info("%s", describe(summary, tokens_per_step))
     return summary
+
+
+def describe(summary, tokens_per_step):
+    """The one-paragraph account of a run, printed however it ends."""
+    evals = summary["eval_loss"]
+    return (f"Run summary: {summary['steps']} steps ({summary['steps'] - summary['first_step']} "
+            f"this session), {summary['steps'] * tokens_per_step:,} tokens; final train loss "
+            f"{summary.get('train_loss', float('nan')):.4f}; eval loss "
+            + (f"{evals[0]:.4f} -> {evals[-1]:.4f} (best {min(evals):.4f})" if evals else "n/a")
+            + f"; wall time {summary['wall_s']:.0f} s; last checkpoint step "
+            f"{summary['last_saved']} in {summary['checkpoint']}.")
 
 
 def _preempted(step, sigterm):

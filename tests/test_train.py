@@ -25,8 +25,20 @@ def test_every_config_loads_and_validates(path):
     assert f"python -m llama_jax.train --config={path}" in (ROOT / path).read_text()
 
 
-def test_train_end_to_end_logs_evaluates_and_checkpoints(tmp_path):
+def scalar_tags(logdir):
+    import tensorflow as tf
+    tags = {}
+    for path in logdir.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append(event.step)
+    return tags
+
+
+def test_train_end_to_end_logs_evaluates_and_checkpoints(tmp_path, caplog):
+    caplog.set_level("INFO")
     config = micro_config()
+    config.profile.steps = "11:13"
     config.mesh.update(data=2, fsdp=2, tensor=2)
     config.sharding_rules = "fsdp_tp"
     config.train.update(steps=40, lr=1e-2, log_every=10, eval_every=20)
@@ -40,6 +52,14 @@ def test_train_end_to_end_logs_evaluates_and_checkpoints(tmp_path):
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.4
     assert (tmp_path / "tokenizer.model").exists()
     assert summary["steps"] == 40
+    assert 0 < steps[-1]["mfu"] < 1 and steps[-1]["tokens_seen"] == 40 * 8 * 32
+
+    tags = scalar_tags(tmp_path / "tensorboard")
+    assert tags["train/loss"] == [10, 20, 30, 40] and tags["eval/loss"] == [0, 20, 40]
+    assert {"train/learning_rate", "train/grad_norm", "train/mfu", "train/tokens_per_sec",
+            "train/update_norm", "train/param_norm", "train/step_time_s", "config"} <= set(tags)
+    assert list((tmp_path / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert "Run summary: 40 steps (40 this session), 10,240 tokens" in caplog.text
 
     # the final checkpoint restores onto another mesh with identical parameters
     model = Llama(model_config(config))
