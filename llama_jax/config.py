@@ -18,7 +18,9 @@ def base_config(**model) -> ml_collections.ConfigDict:
     c.sharding_rules = "fsdp"  # a preset in llama_jax/sharding.py RULES
 
     c.data = ml_collections.ConfigDict(dict(
-        corpus="stdlib",  # the interpreter's own standard library sources: always present offline
+        # a weighted mixture: each entry is {name, weight} plus builtin= / files= / tfds= (see
+        # llama_jax/data/sources.py); the built-in code corpus is always present offline
+        sources=[dict(name="stdlib_code", weight=1.0, builtin="code")],
         validation_fraction=0.02,
         seq_len=2048,
         global_batch_size=2048,  # sequences; 2048 x 2048 = the paper's 4M tokens per batch
