@@ -53,7 +53,9 @@ def train(config, workdir):
     tokenizer = tokenizer_lib.get_tokenizer(workdir, data, cfg.vocab_size)
     local_batch = data.global_batch_size // jax.process_count()
     shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    train_ds = pipeline.make_dataset("train", data, tokenizer, local_batch, **shard)
+    # an iterator (not the dataset) so its position can be saved and restored with checkpoints
+    train_ds = pipeline.DataIterator(
+        pipeline.make_dataset("train", data, tokenizer, local_batch, **shard))
     eval_ds = pipeline.make_dataset("validation", data, tokenizer, local_batch, **shard)
 
     # Phase 3: model, optimizer, abstract state and its shardings (no memory used yet).

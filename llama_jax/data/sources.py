@@ -7,6 +7,7 @@ can be checkpointed and resumed exactly.
 
 import glob
 import hashlib
+import re
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -71,11 +72,12 @@ def _files_dataset(paths, reader, train, seed, process_index, process_count):
 
 
 def _jsonl_field(line, field, name):
-    """The string value of a top-level JSON field, parsed in-graph with RE2 (no Python)."""
-    key = r'"' + field + r'"\s*:\s*"((?:[^"\\]|\\.)*)"'
+    """The string value of a JSON field, parsed in-graph with RE2 (no Python). The first
+    occurrence of the key wins, so a nested object must not repeat it before the top-level one."""
+    key = '"' + re.escape(field) + r'"\s*:\s*"((?:[^"\\]|\\.)*)"'
     found = tf.strings.regex_full_match(line, r".*" + key + r".*")
     tf.debugging.assert_equal(found, True, message=(
-        f"source {name!r}: a JSON line has no string field {field!r}: set field= to the key "
+        f"source {name}: a JSON line has no string field {field}: set field= to the key "
         "that holds the text"))
     text = tf.strings.regex_replace(line, r"^.*?" + key + r".*$", r"\1")
     return _json_unescape(text)
@@ -85,11 +87,12 @@ def _json_unescape(text):
     # mark every escape as its own piece (\x00 and \x01 never occur raw in a JSON string)
     marked = tf.strings.regex_replace(text, r"\\(u[0-9a-fA-F]{4}|.)", "\x00\x01\\1\x00")
     pieces = tf.strings.split(marked, "\x00")
-    body = tf.strings.substr(pieces, 1, -1)
+    pieces = tf.boolean_mask(pieces, pieces != "")  # so a surrogate pair's halves are neighbours
+    body = tf.strings.regex_replace(pieces, "^\x01", "")
     is_escape = tf.strings.substr(pieces, 0, 1) == "\x01"
     is_code = is_escape & (tf.strings.length(body) == 5)
     # \uXXXX (json.dumps writes non-ASCII this way by default) -> code point -> UTF-8
-    digits = tf.strings.unicode_decode(tf.strings.lower(tf.strings.substr(body, 1, 4)),
+    digits = tf.strings.unicode_decode(tf.strings.lower(tf.strings.substr(body + "0000", 1, 4)),
                                        "UTF-8").to_tensor(shape=[None, 4])
     values = tf.where(digits >= ord("a"), digits - ord("a") + 10, digits - ord("0"))
     points = tf.reduce_sum(values * tf.constant([4096, 256, 16, 1]), axis=1)
@@ -146,15 +149,21 @@ def _tfds(entry, split, train, seed, process_index, process_count):
     if field not in builder.info.features:
         raise ValueError(f"source {name!r}: TFDS {entry['tfds']!r} has no feature {field!r} (it "
                          f"has {sorted(builder.info.features)}): set field=")
-    if split_name not in builder.info.splits:
+    splits = builder.info.splits  # empty when unknown (tfds.testing.mock_data): then not checked
+    if splits and split_name not in splits:
         raise ValueError(f"source {name!r}: TFDS {entry['tfds']!r} has no split {split_name!r} "
-                         f"(it has {sorted(builder.info.splits)}): set split=/eval_split=")
-    if builder.info.splits[split_name].num_examples == 0:
+                         f"(it has {sorted(splits)}): set split=/eval_split=")
+    if splits and splits[split_name].num_examples == 0:
         raise ValueError(f"source {name!r} has zero documents in split {split_name!r}")
     # example-level ranges: a TFDS split has its own file layout, even_splits reads a disjoint part
     part = tfds.even_splits(split_name, n=process_count, drop_remainder=False)[process_index]
-    ds = builder.as_dataset(split=part, shuffle_files=train,
-                            read_config=tfds.ReadConfig(shuffle_seed=seed))
+    try:
+        ds = builder.as_dataset(split=part, shuffle_files=train,
+                                read_config=tfds.ReadConfig(shuffle_seed=seed))
+    except AssertionError:  # what tfds raises for a dataset that was never prepared
+        raise ValueError(f"source {name!r}: TFDS {entry['tfds']!r} is not prepared under "
+                         f"data_dir={entry.get('data_dir')}: run tfds build or fix data_dir"
+                         ) from None
     return ds.map(lambda example: example[field])
 
 
