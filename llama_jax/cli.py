@@ -4,7 +4,7 @@
 import runpy
 import sys
 
-COMMANDS = {"train": "llama_jax.train"}
+COMMANDS = {"train": "llama_jax.train", "tokenizer": "llama_jax.tokenizer", "data": "llama_jax.data"}
 
 
 def main():

@@ -25,6 +25,7 @@ def base_config(**model) -> ml_collections.ConfigDict:
         seq_len=2048,
         global_batch_size=2048,  # sequences; 2048 x 2048 = the paper's 4M tokens per batch
         shuffle_buffer=1024,
+        tokenizer_path="",  # a trained .model (python -m llama_jax.tokenizer train); "" = below
         tokenizer_vocab_size=32000,  # SentencePiece BPE trained on first use, cached in workdir
         tokenizer_sample_lines=2_000_000,
         seed=0,

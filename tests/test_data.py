@@ -1,11 +1,14 @@
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from helpers import micro_config
+from helpers import ROOT, micro_config
 from llama_jax.data import corpus, pipeline, sources, tokenizer
 
 
@@ -225,3 +228,28 @@ def test_bad_sources_give_one_line_errors(sp, entries, message):
     with pytest.raises(ValueError, match=message) as error:
         pipeline.make_dataset("train", config.data, sp, 4)
     assert "\n" not in str(error.value)
+
+
+def test_tokenizer_command_trains_on_the_configured_mixture(tmp_path):
+    config = tmp_path / "config.py"
+    config.write_text(
+        "from llama_jax.config import base_config\n\n\ndef get_config():\n"
+        "    c = base_config()\n"
+        "    c.data.sources = [dict(name='prose', weight=1.0, builtin='prose')]\n"
+        "    c.data.tokenizer_vocab_size = 600\n"
+        "    c.data.tokenizer_sample_lines = 3000\n"
+        "    return c\n")
+    output = tmp_path / "tok" / "tokenizer.model"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, "-m", "llama_jax.tokenizer", "train", f"--config={config}",
+         f"--output={output}"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["vocab_size"] == 600
+    sp = tokenizer.load_tokenizer(output, 1024)
+    assert sp.vocab_size() == 600
+    text = "The assert statement: assert x == 42"
+    assert sp.decode(sp.encode(text)) == text
+    bad = subprocess.run([sys.executable, "-m", "llama_jax.tokenizer", "decode",
+                          f"--model={output}", "one"], capture_output=True, text=True, env=env)
+    assert bad.returncode != 0 and "decode takes integer ids" in bad.stderr
