@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from helpers import ROOT, micro_config
+from helpers import ROOT, load_config, micro_config
 from llama_jax.data import corpus, pipeline, sources, tokenizer
 
 
@@ -253,3 +253,13 @@ def test_tokenizer_command_trains_on_the_configured_mixture(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "llama_jax.tokenizer", "decode",
                           f"--model={output}", "one"], capture_output=True, text=True, env=env)
     assert bad.returncode != 0 and "decode takes integer ids" in bad.stderr
+
+
+def test_llama_mixture_config_has_the_papers_seven_sources():
+    config = load_config("configs/data_llama_mixture.py")
+    shares = {e["name"]: e["weight"] for e in config.data.sources}
+    assert shares == {"commoncrawl": 0.67, "c4": 0.15, "github": 0.045, "wikipedia": 0.045,
+                      "books": 0.045, "arxiv": 0.025, "stackexchange": 0.02}
+    assert abs(sum(shares.values()) - 1) < 1e-9
+    kinds = [sources.check_entry(dict(e)) for e in config.data.sources]  # no unknown keys
+    assert kinds.count("tfds") == 3 and kinds.count("files") == 4

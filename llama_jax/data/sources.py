@@ -5,7 +5,6 @@ Everything here is a graph-only tf.data op (no Python generators), so the iterat
 can be checkpointed and resumed exactly.
 """
 
-import glob
 import hashlib
 import re
 
@@ -117,7 +116,7 @@ def _local_files(entry, split, train, seed, process_index, process_count):
     if pattern is None:
         return None
     patterns = [pattern] if isinstance(pattern, str) else list(pattern)
-    paths = sorted({p for pat in patterns for p in glob.glob(pat, recursive=True)})
+    paths = sorted({p for pat in patterns for p in tf.io.gfile.glob(pat)})  # gs:// too
     if not paths:
         raise FileNotFoundError(f"source {name!r}: pattern {patterns} matches no file: fix the "
                                 "path or glob")
