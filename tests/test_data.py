@@ -9,7 +9,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from helpers import ROOT, load_config, micro_config
-from llama_jax.data import corpus, pipeline, sources, tokenizer
+from llama_jax.data import corpus, pipeline, sources, stdlib_tfds, tokenizer
 
 
 def test_corpus_split_is_deterministic_disjoint_and_nonempty():
@@ -115,9 +115,40 @@ def mixture_config(**sources_by_name):
     return config
 
 
-def test_resume_gives_the_batches_of_an_uninterrupted_run(sp, tmp_path):
-    config = mixture_config(code=dict(weight=0.6, builtin="code"),
-                            prose=dict(weight=0.4, builtin="prose"))
+@pytest.fixture(scope="module")
+def stdlib_tfds_dir(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("tfds")
+    stdlib_tfds.prepare(data_dir, ("code",))  # about a second, offline
+    return str(data_dir)
+
+
+def test_stdlib_tfds_builder_reads_per_process_disjoint_parts(stdlib_tfds_dir):
+    entry = dict(name="code", tfds="llama_jax_stdlib/code", data_dir=stdlib_tfds_dir,
+                 field="key")
+
+    def keys(split, process_index):
+        entry_split = dict(entry, eval_split=split)
+        ds = sources.documents(entry_split, "validation" if split == "validation" else "train",
+                               train=False, seed=0, validation_fraction=0.02,
+                               process_index=process_index, process_count=2)
+        return {k.decode() for k in ds.as_numpy_iterator()}
+
+    one, two = keys("train", 0), keys("train", 1)
+    assert one and two and not one & two
+    root = corpus.stdlib_root()
+    assert one | two == {p.relative_to(root).as_posix() for p in corpus.stdlib_files("train")}
+    assert len(keys("validation", 0) | keys("validation", 1)) == len(
+        corpus.stdlib_files("validation"))
+
+
+def test_resume_gives_the_batches_of_an_uninterrupted_run(sp, tmp_path, stdlib_tfds_dir):
+    # a TFDS source, an in-memory source and local files: each reader's state must resume
+    (tmp_path / "notes.txt").write_text("\n".join(f"note {i} " + "xy" * i for i in range(40)))
+    config = mixture_config(code=dict(weight=0.5, tfds="llama_jax_stdlib/code",
+                                      data_dir=stdlib_tfds_dir),
+                            prose=dict(weight=0.3, builtin="prose"),
+                            notes=dict(weight=0.2, files=str(tmp_path / "*.txt"),
+                                       format="lines"))
     straight = pipeline.DataIterator(pipeline.make_dataset("train", config.data, sp, 4), 0)
     expected = [next(straight) for _ in range(11)][5:]
     first = pipeline.DataIterator(pipeline.make_dataset("train", config.data, sp, 4), 0)

@@ -5,7 +5,6 @@ Everything here is a graph-only tf.data op (no Python generators), so the iterat
 can be checkpointed and resumed exactly.
 """
 
-import hashlib
 import re
 
 import tensorflow as tf
@@ -37,21 +36,11 @@ def check_entry(entry) -> str:
                          f"source takes {sorted(KINDS[kinds[0]])} besides name and weight")
     if kinds[0] == "builtin" and entry["builtin"] not in ("code", "prose"):
         raise ValueError(f"source {name!r}: builtin={entry['builtin']!r} is unknown: use "
-                         "'code' (stdlib .py files) or 'prose' (pydoc topics)")
+                         "'code' (stdlib .py files) or 'prose' (pydoc topics, docstrings)")
     if kinds[0] == "files" and entry.get("format", "text") not in FORMATS:
         raise ValueError(f"source {name!r}: format={entry['format']!r} is unknown: use one of "
                          f"{FORMATS}")
     return kinds[0]
-
-
-def _prose_topics(split, validation_fraction):
-    from pydoc_data.topics import topics  # ships with every CPython: offline prose
-    chosen = []
-    for key in sorted(topics):
-        bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 16**8
-        if (bucket < validation_fraction) == (split == "validation"):
-            chosen.append(topics[key])
-    return chosen
 
 
 def _files_dataset(paths, reader, train, seed, process_index, process_count):
@@ -178,7 +167,8 @@ def documents(entry, split, *, train, seed, validation_fraction, process_index, 
         paths = [str(p) for p in corpus.stdlib_files(split, validation_fraction)]
         return _files_dataset(paths, lambda ds: ds.map(tf.io.read_file), train, seed,
                               process_index, process_count)
-    topics = _prose_topics(split, validation_fraction)
-    if not topics:
+    texts = [text for _, text in corpus.prose_documents(split, validation_fraction)]
+    if not texts:
         return None
-    return tf.data.Dataset.from_tensor_slices(topics).shard(process_count, process_index)
+    ds = tf.data.Dataset.from_tensor_slices(texts).shard(process_count, process_index)
+    return ds.shuffle(len(texts), seed=seed, reshuffle_each_iteration=True) if train else ds
