@@ -53,8 +53,8 @@ def test_tokenizer_larger_than_model_vocab_is_refused(sp, tmp_path):
 
 def test_in_graph_tokenization_matches_sentencepiece_with_bos_and_eos(sp):
     texts = ["def f(x):\n    return x + 2024\n", "naïve ✓ 𝄞", "   "]
-    ids = [t.numpy().tolist() for t in
-           pipeline.tokenize(tf.data.Dataset.from_tensor_slices(texts), sp.serialized_model_proto())]
+    docs = tf.data.Dataset.from_tensor_slices(texts)
+    ids = [t.numpy().tolist() for t in pipeline.tokenize(docs, sp.serialized_model_proto())]
     assert ids == [[1] + sp.encode(t) + [2] for t in texts[:2]]  # blank documents are dropped
 
 
@@ -200,7 +200,8 @@ def test_local_files_text_lines_and_jsonl_with_escapes(tmp_path):
     assert read(files=str(tmp_path / "*.txt"), format="lines") == [
         "first file", "second line", "b file"]
     assert read(files=str(tmp_path / "c.jsonl"), format="jsonl", field="body") == records
-    with pytest.raises(tf.errors.InvalidArgumentError, match="source mine: a JSON line has no string field title"):
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="source mine: a JSON line has no string field title"):
         read(files=str(tmp_path / "c.jsonl"), format="jsonl", field="title")
     with pytest.raises(FileNotFoundError, match=r"pattern \['.*\*.parquet'\] matches no file"):
         read(files=str(tmp_path / "*.parquet"))

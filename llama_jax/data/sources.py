@@ -10,7 +10,8 @@ import re
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from llama_jax.data import corpus
+# importing stdlib_tfds registers the llama_jax_stdlib builder, so tfds= can name it
+from llama_jax.data import corpus, stdlib_tfds  # noqa: F401
 
 # keys an entry may carry besides name and weight, per kind; anything else is a typo
 KINDS = {
