@@ -1,3 +1,4 @@
+import gzip
 import json
 import os
 import subprocess
@@ -200,6 +201,11 @@ def test_local_files_text_lines_and_jsonl_with_escapes(tmp_path):
     assert read(files=str(tmp_path / "*.txt"), format="lines") == [
         "first file", "second line", "b file"]
     assert read(files=str(tmp_path / "c.jsonl"), format="jsonl", field="body") == records
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": "zipped ✓"}) + "\n")
+    assert read(files=str(tmp_path / "*.jsonl.gz"), format="jsonl") == ["zipped ✓"]
+    with pytest.raises(ValueError, match="mixes .gz and plain files"):
+        read(files=str(tmp_path / "*.jsonl*"), format="jsonl")
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match="source mine: a JSON line has no string field title"):
         read(files=str(tmp_path / "c.jsonl"), format="jsonl", field="title")

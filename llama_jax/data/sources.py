@@ -101,6 +101,7 @@ def _json_unescape(text):
 
 
 def _local_files(entry, split, train, seed, process_index, process_count):
+    """Files matching the glob(s); .gz files are decompressed in-graph."""
     name = entry["name"]
     pattern = entry["files"] if split == "train" else entry.get("eval_files")
     if pattern is None:
@@ -112,13 +113,23 @@ def _local_files(entry, split, train, seed, process_index, process_count):
                                 "path or glob")
     if all(tf.io.gfile.stat(p).length == 0 for p in paths):
         raise ValueError(f"source {name!r} has zero documents: its files {patterns} are empty")
+    gzipped = [p.endswith(".gz") for p in paths]
+    if any(gzipped) and not all(gzipped):
+        raise ValueError(f"source {name!r} mixes .gz and plain files: give each its own source")
+    compression = "GZIP" if all(gzipped) else ""
     fmt, field = entry.get("format", "text"), entry.get("field", "text")
-    if fmt == "text":
-        reader = lambda ds: ds.map(tf.io.read_file)  # one document per file
+
+    def lines(ds):
+        return ds.interleave(lambda path: tf.data.TextLineDataset(path, compression),
+                             cycle_length=1)  # one file after another: a stable order
+
+    if fmt == "text":  # one document per file
+        reader = lambda ds: ds.map(
+            lambda path: tf.io.decode_compressed(tf.io.read_file(path), compression))
     elif fmt == "lines":
-        reader = lambda ds: ds.interleave(tf.data.TextLineDataset, cycle_length=1)
+        reader = lines
     else:
-        reader = lambda ds: ds.interleave(tf.data.TextLineDataset, cycle_length=1).filter(
+        reader = lambda ds: lines(ds).filter(
             lambda line: tf.strings.length(tf.strings.strip(line)) > 0).map(
             lambda line: _jsonl_field(line, field, name))
     return _files_dataset(paths, reader, train, seed, process_index, process_count)
@@ -148,7 +159,8 @@ def _tfds(entry, split, train, seed, process_index, process_count):
     part = tfds.even_splits(split_name, n=process_count, drop_remainder=False)[process_index]
     try:
         ds = builder.as_dataset(split=part, shuffle_files=train,
-                                read_config=tfds.ReadConfig(shuffle_seed=seed))
+                                # no autocache: its partial state would bloat iterator checkpoints
+                            read_config=tfds.ReadConfig(shuffle_seed=seed, try_autocache=False))
     except AssertionError:  # what tfds raises for a dataset that was never prepared
         raise ValueError(f"source {name!r}: TFDS {entry['tfds']!r} is not prepared under "
                          f"data_dir={entry.get('data_dir')}: run tfds build or fix data_dir"
