@@ -2,14 +2,14 @@
 offline through the same TFDS path as c4 or wikipedia. Two configs: `code` (stdlib .py sources)
 and `prose` (pydoc topics and docstrings). Prepare once, offline:
 
-  python -m llama_jax.data.stdlib_tfds --data_dir=~/tensorflow_datasets
-then use dict(name="code", tfds="llama_jax_stdlib/code", data_dir=...) in data.sources.
+  python -c "from llama_jax.data import stdlib_tfds; stdlib_tfds.prepare('/data/tfds')"
+(TFDS cannot build a class defined in __main__, hence no `python -m` here), then use
+dict(name="code", tfds="llama_jax_stdlib/code", data_dir=...) in data.sources.
 """
 
 import pathlib
 
 import tensorflow_datasets as tfds
-from absl import app, flags
 
 from llama_jax.data import corpus
 
@@ -49,14 +49,3 @@ def prepare(data_dir, configs=("code", "prose")):
     """Builds the configs under data_dir (a no-op for those already there)."""
     for name in configs:
         tfds.builder(f"llama_jax_stdlib/{name}", data_dir=data_dir).download_and_prepare()
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    prepare(flags.FLAGS.data_dir)
-
-
-if __name__ == "__main__":
-    flags.DEFINE_string("data_dir", None, "Where TFDS datasets live.", required=True)
-    app.run(main)
