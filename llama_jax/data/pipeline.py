@@ -18,7 +18,10 @@ from llama_jax.data import sources as sources_lib
 
 # the full tensorflow package (tensorflow-text needs it) would otherwise claim accelerator memory
 # that belongs to JAX; the input pipeline runs on the host CPU
-tf.config.set_visible_devices([], "GPU")
+try:
+    tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # TensorFlow was already initialised by the caller: its choice stands
+    pass
 
 MIX_BLOCK = 1000  # rows per block of the mixture schedule: shares are exact within a block
 
@@ -122,9 +125,10 @@ def make_dataset(split, data_config, tokenizer, local_batch_size, *, process_ind
             process_index=process_index, process_count=process_count)
         if docs is None or weight == 0:
             continue
-        if repeat:
-            docs = docs.repeat()
-        packed = pack(tokenize(docs, model_proto), data_config.seq_len)
+        token_docs = tokenize(docs, model_proto)
+        if repeat:  # after the blank-document filter: an all-blank source ends instead of spinning
+            token_docs = token_docs.repeat()
+        packed = pack(token_docs, data_config.seq_len)
         rows.append(packed.map(lambda t, d, i=index: (t, d, tf.constant(i))))
         kept.append(weight)
     if not rows:
