@@ -301,3 +301,16 @@ def test_llama_mixture_config_has_the_papers_seven_sources():
     assert abs(sum(shares.values()) - 1) < 1e-9
     kinds = [sources.check_entry(dict(e)) for e in config.data.sources]  # no unknown keys
     assert kinds.count("tfds") == 3 and kinds.count("files") == 4
+
+
+def test_pipeline_stats_report_shares_padding_and_document_length(sp):
+    from llama_jax.data.__main__ import measure
+    config = mixture_config(code=dict(weight=0.75, builtin="code"),
+                            prose=dict(weight=0.25, builtin="prose"))
+    dataset = pipeline.make_dataset("train", config.data, sp, 8, with_source=True)
+    stats = measure(dataset, ["code", "prose"], batches=50, warmup=1)
+    # 400 rows are part of one 1,000-row block, so the share is near, not exactly, the weight
+    assert abs(stats["token_share"]["code"] - 0.75) < 0.03
+    assert abs(sum(stats["token_share"].values()) - 1) < 1e-3
+    assert stats["padding_fraction"] == 0.0 and stats["tokens_per_sec"] > 0
+    assert 5 < stats["mean_document_tokens"] < 100_000
