@@ -68,12 +68,13 @@ class Checkpointer:
         """Data state first (synchronously, atomically), then the async Orbax save."""
         self.mngr.check_for_errors()  # a failed background save surfaces here, not never
         if data_iterator is not None:
-            final = self.data_dir / str(step) / f"process_{jax.process_index()}"
-            tmp = final.with_name(final.name + ".tmp")
+            name = f"process_{jax.process_index()}"
+            tmp = self.data_dir / str(step) / f".tmp_{name}"
             shutil.rmtree(tmp, ignore_errors=True)
-            data_iterator.save(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            data_iterator.save(tmp)  # writes tmp/process_i/...
+            shutil.rmtree(tmp.parent / name, ignore_errors=True)
+            os.replace(tmp / name, tmp.parent / name)  # complete or absent, never half-written
+            tmp.rmdir()
         self.mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -119,8 +120,8 @@ class Checkpointer:
         restored = self._unreadable_is_an_error(step, lambda: self.mngr.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))))
         if data_iterator is not None:
-            path = self.data_dir / str(step) / f"process_{jax.process_index()}"
-            if not path.exists():
+            path = self.data_dir / str(step)
+            if not (path / f"process_{jax.process_index()}").exists():
                 raise CheckpointError(f"data state {path} for step {step} is missing: delete "
                                       "the step directory to resume from the previous one")
             data_iterator.restore(path)

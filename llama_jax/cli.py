@@ -4,7 +4,8 @@
 import runpy
 import sys
 
-COMMANDS = {"train": "llama_jax.train", "bench": "llama_jax.bench"}
+COMMANDS = {"train": "llama_jax.train", "bench": "llama_jax.bench",
+            "tokenizer": "llama_jax.tokenizer", "data": "llama_jax.data"}
 
 
 def main():

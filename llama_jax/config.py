@@ -20,11 +20,14 @@ def base_config(**model) -> ml_collections.ConfigDict:
     c.sharding_rules = "fsdp"  # a preset in llama_jax/sharding.py RULES
 
     c.data = ml_collections.ConfigDict(dict(
-        corpus="stdlib",  # the interpreter's own standard library sources: always present offline
+        # a weighted mixture: each entry is {name, weight} plus builtin= / files= / tfds= (see
+        # llama_jax/data/sources.py); the built-in code corpus is always present offline
+        sources=[dict(name="stdlib_code", weight=1.0, builtin="code")],
         validation_fraction=0.02,
         seq_len=2048,
         global_batch_size=2048,  # sequences; 2048 x 2048 = the paper's 4M tokens per batch
         shuffle_buffer=1024,
+        tokenizer_path="",  # a trained .model (python -m llama_jax.tokenizer train); "" = below
         tokenizer_vocab_size=32000,  # SentencePiece BPE trained on first use, cached in workdir
         tokenizer_sample_lines=2_000_000,
         seed=0,

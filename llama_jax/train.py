@@ -100,9 +100,10 @@ def train(config, workdir):
     tokenizer = tokenizer_lib.get_tokenizer(workdir, data, cfg.vocab_size)
     local_batch = data.global_batch_size // jax.process_count()
     shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    train_ds = pipeline.make_dataset("train", data, tokenizer, local_batch, **shard)
+    # an iterator (not the dataset) so its position can be saved and restored with checkpoints
+    train_ds = pipeline.DataIterator(
+        pipeline.make_dataset("train", data, tokenizer, local_batch, **shard))
     eval_ds = pipeline.make_dataset("validation", data, tokenizer, local_batch, **shard)
-    data_iterator = None  # the pipeline's checkpointable iterator plugs in here
 
     # Phase 4: restore the latest checkpoint, or init (from scratch or another run's params).
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep,
@@ -114,7 +115,7 @@ def train(config, workdir):
         logging.warning("ignoring unfinished checkpoint saves %s", ckpt.uncommitted())
     if latest is not None:
         ckpt.check_compatible(latest, abstract.params, meta)
-        state = ckpt.restore(latest, abstract, data_iterator)
+        state = ckpt.restore(latest, abstract, train_ds)
         truncate_metrics(workdir / "metrics.jsonl", latest)
         logging.info("resumed from step %d in %s", latest, ckpt.mngr.directory)
     else:
@@ -139,7 +140,7 @@ def train(config, workdir):
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: sigterm.append(time.time()))
 
     def save(step):
-        ckpt.save(step, state, meta, data_iterator)
+        ckpt.save(step, state, meta, train_ds)
 
     try:
         if first_step == 0:

@@ -1,1 +1,2 @@
-"""Input: the built-in corpus, the SentencePiece tokenizer and the tf.data pipeline."""
+"""Input: sources (built-in corpus, local files, TFDS), the SentencePiece tokenizer and the
+tf.data pipeline (in-graph tokenization, packing, mixing, checkpointable iterator)."""

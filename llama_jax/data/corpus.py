@@ -1,9 +1,12 @@
-"""The built-in corpus: the running interpreter's standard library sources, read offline.
+"""The built-in corpus, read offline from the running interpreter: its standard library sources
+(code) and the prose that ships with it (pydoc topics and docstrings).
 
 Test suites and site-packages are left out. Files are split into train and validation by a hash
 of their path relative to the stdlib root, so the split is the same on every machine and run.
 """
 
+import ast
+import functools
 import hashlib
 import pathlib
 import sysconfig
@@ -25,8 +28,7 @@ def stdlib_files(split: str, validation_fraction: float = 0.02, root=None) -> li
         rel = path.relative_to(root)
         if SKIP_DIRS & set(rel.parts[:-1]):
             continue
-        bucket = int(hashlib.sha256(rel.as_posix().encode()).hexdigest()[:8], 16) / 16**8
-        if (bucket < validation_fraction) == (split == "validation"):
+        if _in_split(rel.as_posix(), split, validation_fraction):
             files.append(path)
     if not files:
         raise FileNotFoundError(f"no .py files for split {split!r} under {root}: the corpus "
@@ -36,3 +38,28 @@ def stdlib_files(split: str, validation_fraction: float = 0.02, root=None) -> li
 
 def read_text(path) -> str:
     return pathlib.Path(path).read_text(encoding="utf-8", errors="replace")
+
+
+def _in_split(key: str, split: str, validation_fraction: float) -> bool:
+    bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 16**8
+    return (bucket < validation_fraction) == (split == "validation")
+
+
+@functools.lru_cache(maxsize=4)
+def prose_documents(split: str, validation_fraction: float = 0.02) -> tuple:
+    """(key, text) pairs of English prose that ships with Python: each pydoc topic (the language
+    reference) and, per stdlib module, its module, class and function docstrings. Parsing the
+    stdlib takes a few seconds, hence the cache."""
+    from pydoc_data.topics import topics
+    docs = [(f"topic:{key}", topics[key]) for key in sorted(topics)]
+    for path in stdlib_files("train") + stdlib_files("validation"):
+        try:
+            tree = ast.parse(read_text(path))
+        except SyntaxError:  # a few stdlib files are templates or target other versions
+            continue
+        nodes = (n for n in ast.walk(tree) if isinstance(
+            n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)))
+        text = "\n\n".join(d for d in map(ast.get_docstring, nodes) if d)
+        if text.strip():
+            docs.append((f"docstrings:{path.relative_to(stdlib_root()).as_posix()}", text))
+    return tuple((k, t) for k, t in docs if _in_split(k, split, validation_fraction))

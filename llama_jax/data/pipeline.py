@@ -1,39 +1,67 @@
-"""The input pipeline: documents -> tokens with BOS/EOS -> packed rows -> shuffled batches.
+"""The input pipeline, all inside the tf.data graph: documents -> SentencePiece ids with BOS/EOS ->
+packed rows per source -> weighted mixture -> shuffled batches, plus the checkpointable iterator.
 
-Packing concatenates documents into rows of seq_len + 1 tokens with no padding. Each row carries
-segment ids (1, 2, ... per document piece) and positions that restart at each document, so the
-model never attends across documents and the loss never predicts one document from another.
-Each process reads its own slice of the files and yields its share of the global batch.
+Packing concatenates a source's documents into rows of seq_len + 1 tokens with no padding. Each
+row carries segment ids (1, 2, ... per document piece) and positions that restart at each
+document, so the model never attends across documents and the loss never predicts one document
+from another. Sources are mixed row by row, so each source's token share is its weight.
 """
 
-import random
+import os
 
 import jax
 import numpy as np
 import tensorflow as tf
+import tensorflow_text as tf_text
 
-from llama_jax.data import corpus
-from llama_jax.data.tokenizer import BOS_ID, EOS_ID
+from llama_jax.data import sources as sources_lib
+
+# the full tensorflow package (tensorflow-text needs it) would otherwise claim accelerator memory
+# that belongs to JAX; the input pipeline runs on the host CPU
+try:
+    tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # TensorFlow was already initialised by the caller: its choice stands
+    pass
+
+MIX_BLOCK = 1000  # rows per block of the mixture schedule: shares are exact within a block
 
 
-def pack_documents(token_docs, seq_len):
-    """Yields (tokens, segment_ids, positions), each int32 [seq_len + 1], from token lists."""
+def tokenize(docs, model_proto):
+    """Dataset of strings -> dataset of int32 [n] ids, BOS and EOS around each document."""
+    sp = tf_text.SentencepieceTokenizer(model=model_proto, out_type=tf.int32, add_bos=True,
+                                        add_eos=True)
+    docs = docs.filter(lambda text: tf.strings.length(tf.strings.strip(text)) > 0)
+    return docs.map(sp.tokenize, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def pack(token_docs, seq_len):
+    """Dataset of [n] id vectors -> dataset of (tokens, doc_ids), int32 [seq_len + 1] each.
+
+    A scan carries the unfinished row (its state is part of the iterator checkpoint); a document
+    longer than what is left of a row continues in the next row. doc_ids only need to differ
+    between neighbouring documents, so the counter wraps.
+    """
     row_len = seq_len + 1
-    tokens, segments, positions = [], [], []
-    segment = 0
-    for doc in token_docs:
-        start = 0
-        while start < len(doc):
-            segment += 1
-            piece = doc[start:start + row_len - len(tokens)]
-            tokens.extend(piece)
-            segments.extend([segment] * len(piece))
-            positions.extend(range(len(piece)))
-            start += len(piece)
-            if len(tokens) == row_len:
-                yield (np.asarray(tokens, np.int32), np.asarray(segments, np.int32),
-                       np.asarray(positions, np.int32))
-                tokens, segments, positions, segment = [], [], [], 0
+
+    def step(state, doc):
+        doc_index, tokens, doc_ids = state
+        tokens = tf.concat([tokens, doc], 0)
+        doc_ids = tf.concat([doc_ids, tf.fill(tf.shape(doc), doc_index)], 0)
+        full = tf.size(tokens) // row_len * row_len
+        rows = (tf.reshape(tokens[:full], [-1, row_len]), tf.reshape(doc_ids[:full], [-1, row_len]))
+        return (tf.math.floormod(doc_index + 1, 2**30), tokens[full:], doc_ids[full:]), rows
+
+    empty = tf.zeros([0], tf.int32)
+    return token_docs.scan((tf.constant(0), empty, empty), step).unbatch()
+
+
+def row_features(tokens, doc_ids):
+    """(tokens, doc_ids) [seq_len + 1] -> tokens, segment ids (1, 2, ... in the row), positions."""
+    new_doc = tf.concat([[True], doc_ids[1:] != doc_ids[:-1]], 0)
+    segments = tf.cumsum(tf.cast(new_doc, tf.int32))
+    index = tf.range(tf.size(tokens))
+    starts = tf.gather(tf.math.segment_min(index, segments - 1), segments - 1)
+    return tokens, segments, index - starts
 
 
 def to_example(tokens, segments, positions):
@@ -42,55 +70,122 @@ def to_example(tokens, segments, positions):
     return {
         "inputs": tokens[:-1], "targets": tokens[1:], "positions": positions[:-1],
         "segment_ids": inputs_seg,
-        # a target from the next document (or padding) is not a prediction to learn
+        # a target from the next document (or padding, segment 0) is not a prediction to learn
         "loss_mask": tf.cast((inputs_seg == target_seg) & (inputs_seg > 0), tf.float32),
     }
 
 
-def _documents(files, tokenizer, seed, repeat):
-    epoch = 0
-    while True:
-        order = list(files)
-        if seed is not None:
-            random.Random(seed + epoch).shuffle(order)
-        for path in order:
-            text = corpus.read_text(path)
-            if text.strip():
-                yield [BOS_ID] + tokenizer.encode(text) + [EOS_ID]
-        epoch += 1
-        if not repeat:
-            return
+def mixture_weights(entries):
+    """Normalized weights; one-line errors for negative or all-zero weights."""
+    weights = np.array([float(e.get("weight", 1.0)) for e in entries])
+    for entry, weight in zip(entries, weights):
+        if weight < 0:
+            raise ValueError(f"source {entry['name']!r} has weight {weight} < 0: weights must "
+                             "be >= 0")
+    if weights.sum() <= 0:
+        raise ValueError(f"data.sources weights are all zero ({[e['name'] for e in entries]}): "
+                         "give at least one source a positive weight")
+    return weights / weights.sum()
+
+
+def mixture_schedule(weights, seed):
+    """Endless dataset of source indices: each block of MIX_BLOCK rows holds each source's share
+    rounded by largest remainder, in a seeded random order that differs per block. Unlike
+    independent draws, the shares cannot drift (over 2,000 rows they are exact to 0.1 point)."""
+    exact = np.asarray(weights) * MIX_BLOCK
+    counts = np.floor(exact).astype(np.int64)
+    counts[np.argsort(counts - exact)[:MIX_BLOCK - counts.sum()]] += 1
+    block = tf.constant(np.repeat(np.arange(len(weights), dtype=np.int64), counts))
+    blocks = tf.data.Dataset.counter().map(
+        lambda i: tf.random.experimental.stateless_shuffle(block, seed=tf.stack([seed, i])))
+    return blocks.unbatch()
 
 
 def make_dataset(split, data_config, tokenizer, local_batch_size, *, process_index=0,
-                 process_count=1, repeat=None):
-    """tf.data.Dataset of numpy-ready dicts of int32/float32 [local_batch_size, seq_len].
+                 process_count=1, repeat=None, with_source=False):
+    """tf.data.Dataset of dicts of int32/float32 [local_batch_size, seq_len].
 
-    Training shuffles files (per epoch) and rows and repeats forever; validation reads in a
-    fixed order once, so every evaluation sees the same batches.
+    Training shuffles and repeats every source forever; validation reads each source that has a
+    validation split in a fixed order once and stops when the first runs out, so every
+    evaluation sees the same batches. with_source adds "source" [B]: each row's source index.
     """
     train = split == "train"
     repeat = train if repeat is None else repeat
-    files = corpus.stdlib_files(split, data_config.validation_fraction)
-    files = files[process_index::process_count]  # disjoint files per process
-    if not files:
-        raise ValueError(f"split {split!r} has fewer files than the {process_count} processes")
-    seq_len = data_config.seq_len
-    seed = data_config.seed + 1000 * process_index if train else None
-
-    def rows():
-        return pack_documents(_documents(files, tokenizer, seed, repeat), seq_len)
-
-    spec = tf.TensorSpec([seq_len + 1], tf.int32)
-    ds = tf.data.Dataset.from_generator(rows, output_signature=(spec, spec, spec))
+    entries = [dict(e) for e in data_config.sources]
+    if not entries:
+        raise ValueError("data.sources is empty: add e.g. dict(name='code', builtin='code')")
+    weights = mixture_weights(entries)
+    seed = data_config.seed + 1000 * process_index
+    model_proto = tokenizer.serialized_model_proto()
+    rows, kept = [], []
+    for index, (entry, weight) in enumerate(zip(entries, weights)):
+        docs = sources_lib.documents(
+            entry, split, train=train, seed=seed + index,
+            validation_fraction=data_config.validation_fraction,
+            process_index=process_index, process_count=process_count)
+        if docs is None or weight == 0:
+            continue
+        token_docs = tokenize(docs, model_proto)
+        if repeat:  # after the blank-document filter: an all-blank source ends instead of spinning
+            token_docs = token_docs.repeat()
+        packed = pack(token_docs, data_config.seq_len)
+        rows.append(packed.map(lambda t, d, i=index: (t, d, tf.constant(i))))
+        kept.append(weight)
+    if not rows:
+        raise ValueError(f"no source has a {split} split: set eval_files=/eval_split= on a source")
+    if len(rows) == 1:
+        ds = rows[0]
+    else:
+        # the schedule is the same on every process: each local batch has the same mix
+        choice = mixture_schedule(np.asarray(kept) / sum(kept), data_config.seed)
+        ds = tf.data.Dataset.choose_from_datasets(rows, choice, stop_on_empty_dataset=True)
     if train:
         ds = ds.shuffle(data_config.shuffle_buffer, seed=seed)
-    ds = ds.map(to_example, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def example(tokens, doc_ids, source):
+        out = to_example(*row_features(tokens, doc_ids))
+        if with_source:
+            out["source"] = source
+        return out
+
+    ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(local_batch_size, drop_remainder=True)
-    return ds.prefetch(2)
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def global_batches(dataset, sharding):
-    """Iterates a per-process dataset as global jax.Arrays laid out by `sharding`."""
-    for batch in dataset.as_numpy_iterator():
+class DataIterator:
+    """Iterates a dataset as numpy dicts; save/restore its exact position (tf.data iterator
+    checkpoint: shuffle buffers, the unfinished packed row, file offsets) for this process."""
+
+    def __init__(self, dataset, process_index=None):
+        self._iterator = iter(dataset)
+        self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+        self._process = jax.process_index() if process_index is None else process_index
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return {k: v.numpy() for k, v in next(self._iterator).items()}
+
+    def _prefix(self, directory):
+        # one file set per process: each process holds only its own share of the stream
+        return os.path.join(os.fspath(directory), f"process_{self._process}", "iterator")
+
+    def save(self, directory):
+        return self._checkpoint.write(self._prefix(directory))
+
+    def restore(self, directory):
+        prefix = self._prefix(directory)
+        if not tf.io.gfile.exists(prefix + ".index"):
+            raise FileNotFoundError(f"no data iterator state at {prefix}: save() it first or "
+                                    "start without restore")
+        self._checkpoint.read(prefix).assert_consumed()
+
+
+def global_batches(batches, sharding):
+    """Iterates per-process batches (a Dataset or numpy dicts) as global jax.Arrays."""
+    if isinstance(batches, tf.data.Dataset):
+        batches = batches.as_numpy_iterator()
+    for batch in batches:
         yield {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

@@ -18,7 +18,31 @@ BOS_ID, EOS_ID = 1, 2
 
 def train_tokenizer(files, vocab_size: int, out_path, sample_lines: int = 2_000_000, seed=0):
     """Trains on up to sample_lines lines of the files; writes out_path atomically."""
-    lines = [line for f in files for line in corpus.read_text(f).splitlines() if line.strip()]
+    texts = (corpus.read_text(f) for f in files)
+    train_on_texts(texts, vocab_size, out_path, sample_lines, seed)
+
+
+def source_texts(data_config, sample_lines: int):
+    """Documents from the train split of config.data.sources, each source contributing lines in
+    proportion to its weight, so the vocabulary reflects the mixture the model trains on."""
+    from llama_jax.data import pipeline, sources  # tensorflow is only needed for this path
+    entries = [dict(e) for e in data_config.sources]
+    for index, (entry, weight) in enumerate(zip(entries, pipeline.mixture_weights(entries))):
+        docs = sources.documents(entry, "train", train=True, seed=data_config.seed + index,
+                                 validation_fraction=data_config.validation_fraction,
+                                 process_index=0, process_count=1)
+        budget = int(weight * sample_lines)
+        for doc in docs.as_numpy_iterator():
+            if budget <= 0:
+                break
+            text = doc.decode("utf-8", errors="replace")
+            budget -= text.count("\n") + 1
+            yield text
+
+
+def train_on_texts(texts, vocab_size: int, out_path, sample_lines: int = 2_000_000, seed=0):
+    """Trains on up to sample_lines non-blank lines of the texts; writes out_path atomically."""
+    lines = [line for text in texts for line in text.splitlines() if line.strip()]
     random.Random(seed).shuffle(lines)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -48,14 +72,17 @@ def load_tokenizer(path, model_vocab_size: int) -> spm.SentencePieceProcessor:
 
 
 def get_tokenizer(workdir, data_config, model_vocab_size: int) -> spm.SentencePieceProcessor:
-    """The workdir's cached tokenizer, trained on the corpus's train split if absent."""
+    """data.tokenizer_path if set, else the workdir's cached tokenizer, trained on the train
+    split of data.sources if absent."""
     if data_config.tokenizer_vocab_size > model_vocab_size:
         raise ValueError(f"data.tokenizer_vocab_size={data_config.tokenizer_vocab_size} exceeds "
                          f"model.vocab_size={model_vocab_size}: the model could not embed every "
                          "token")
+    if data_config.tokenizer_path:
+        return load_tokenizer(data_config.tokenizer_path, model_vocab_size)
     path = pathlib.Path(workdir) / "tokenizer.model"
     if not path.exists():
-        files = corpus.stdlib_files("train", data_config.validation_fraction)
-        train_tokenizer(files, data_config.tokenizer_vocab_size, path,
-                        data_config.tokenizer_sample_lines, data_config.seed)
+        texts = source_texts(data_config, data_config.tokenizer_sample_lines)
+        train_on_texts(texts, data_config.tokenizer_vocab_size, path,
+                       data_config.tokenizer_sample_lines, data_config.seed)
     return load_tokenizer(path, model_vocab_size)
