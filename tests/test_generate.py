@@ -79,6 +79,14 @@ def test_sampling_is_seeded_and_its_cuts_work():
     # a single surviving candidate makes sampling greedy
     assert gen.generate(CFG, params, PROMPTS, 32, gen.Sampling(1.0, top_k=1), seed=5) == greedy
     assert gen.generate(CFG, params, PROMPTS, 32, gen.Sampling(1.0, top_p=1e-6), seed=5) == greedy
+    # other prompt lengths in the same bucket and other settings reuse the compiled steps
+    compiled = (gen._prefill._cache_size(), gen._decode._cache_size())
+    gen.generate(CFG, params, [[1, 2], [3] * 15, [4] * 9], 32, gen.Sampling(0.5, 3, 0.8))
+    assert (gen._prefill._cache_size(), gen._decode._cache_size()) == compiled
+    # a new bucket (prompt of 17 -> 32 slots, batch of 1) compiles each function once more
+    gen.generate(CFG, params, [[1] * 17], 32)
+    assert (gen._prefill._cache_size(), gen._decode._cache_size()) == (compiled[0] + 1,
+                                                                       compiled[1] + 1)
 
 
 def test_top_k_and_top_p_keep_the_right_tokens():
