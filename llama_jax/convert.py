@@ -3,7 +3,7 @@ consolidated.NN.pth) to our parameter tree and a workdir, and our parameters bac
 
   python -m llama_jax.convert --from=hf --src=HF_DIR --dst=WORKDIR
   python -m llama_jax.convert --from=meta --src=META_DIR --dst=WORKDIR
-  python -m llama_jax.convert --to=hf --src=WORKDIR --dst=HF_DIR
+  python -m llama_jax.convert --to=hf --src=WORKDIR --dst=HF_DIR [--config=configs/x.py]
 
 A converted WORKDIR holds model.json (the `config.model` section as JSON), tokenizer.model when
 the source has one, and checkpoints/0 with a single Orbax item "params" (no optimizer state).
@@ -22,10 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import app, flags
 
-from llama_jax.model import ModelConfig
-
-DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
+from llama_jax.model import DTYPES, ModelConfig
 
 # ---------------------------------------------------------------- the layer-by-layer mapping
 
@@ -93,14 +90,13 @@ def config_from_hf(hf: dict) -> ModelConfig:
     if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
         raise ValueError(f"head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads"
                          f"={hf['hidden_size'] // heads}: model.py derives head_dim from dim")
-    dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-    dtype = DTYPE_NAMES.get(dtype, "float32")
     return ModelConfig(
         vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
         n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
         ffn_dim=hf["intermediate_size"], norm_eps=hf["rms_norm_eps"],
         rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-        max_seq_len=hf.get("max_position_embeddings", 2048), dtype=dtype, param_dtype=dtype)
+        max_seq_len=hf.get("max_position_embeddings", 2048), dtype="float32",
+        param_dtype="float32")
 
 
 def config_to_hf(cfg: ModelConfig, tie_word_embeddings=False) -> dict:
@@ -170,6 +166,10 @@ def load_hf(src):
                                    for ours, theirs in HF_LAYER.items()}, cfg)
               for i in range(cfg.n_layers)]
     embed = take("model.embed_tokens.weight", (cfg.vocab_size, d))
+    if embed.dtype.name not in DTYPES:
+        raise ValueError(f"weights are {embed.dtype.name}: only {sorted(DTYPES)} are supported")
+    # compute in the stored precision, so a bfloat16 checkpoint runs as it was released
+    cfg = dataclasses.replace(cfg, dtype=embed.dtype.name, param_dtype=embed.dtype.name)
     tied = hf.get("tie_word_embeddings", False) and "lm_head.weight" not in tensors
     output = embed.T if tied else take("lm_head.weight", (cfg.vocab_size, d)).T
     params = _assemble(cfg, embed, take("model.norm.weight", (d,)), output, layers)
@@ -351,6 +351,9 @@ def define_flags():
     flags.DEFINE_enum("to", None, ["hf"], "Convert a workdir's latest checkpoint to this format.")
     flags.DEFINE_string("src", None, "Source directory (HF or Meta model, or a workdir).")
     flags.DEFINE_string("dst", None, "Destination directory (a workdir, or an HF model).")
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, "With --to: the configs/*.py a training "
+                                    "workdir was trained with (a converted one has model.json).")
 
 
 def main(argv):
@@ -363,7 +366,12 @@ def main(argv):
                              "--dst, e.g. --from=hf --src=hf_model --dst=runs/converted")
     src = pathlib.Path(fl.src)
     if fl.to == "hf":
-        save_hf(load_config_json(src), load_params(src), fl.dst)
+        if fl.config is not None:
+            from llama_jax.config import model_config
+            cfg = model_config(fl.config)
+        else:
+            cfg = load_config_json(src)
+        save_hf(cfg, load_params(src), fl.dst)
         tok = src / "tokenizer.model"
         if tok.exists():
             shutil.copyfile(tok, pathlib.Path(fl.dst) / "tokenizer.model")

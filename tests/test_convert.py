@@ -240,3 +240,14 @@ def test_generate_loads_a_hugging_face_directory(tmp_path):
     tokens = tokens_for(model)
     np.testing.assert_allclose(our_logits(cfg, params, tokens), hf_logits(model, tokens),
                                atol=1e-5, rtol=0)
+
+
+def test_bfloat16_checkpoints_stay_bfloat16_bit_exactly(tmp_path):
+    model = hf_model("gqa_odd_vocab").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "hf")
+    cfg, params = convert.load_hf(tmp_path / "hf")
+    assert (cfg.dtype, cfg.param_dtype, params["output"].dtype.name) == ("bfloat16",) * 3
+    convert.save_hf(cfg, params, tmp_path / "back")
+    written = load_file(tmp_path / "back" / "model.safetensors")
+    for key, tensor in model.state_dict().items():
+        assert np.array_equal(written[key].view(np.int16), tensor.view(torch.int16).numpy()), key
