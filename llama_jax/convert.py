@@ -99,7 +99,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         param_dtype="float32")
 
 
-def config_to_hf(cfg: ModelConfig, tie_word_embeddings=False) -> dict:
+def config_to_hf(cfg: ModelConfig, tie_word_embeddings=False, dtype="float32") -> dict:
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
@@ -109,7 +109,7 @@ def config_to_hf(cfg: ModelConfig, tie_word_embeddings=False) -> dict:
         "rope_theta": cfg.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": tie_word_embeddings,
-        "bos_token_id": 1, "eos_token_id": 2, "dtype": cfg.param_dtype,
+        "bos_token_id": 1, "eos_token_id": 2, "dtype": dtype,
     }
 
 
@@ -199,7 +199,8 @@ def save_hf(cfg: ModelConfig, params, dst):
     # "pt" metadata: transformers refuses safetensors files without it
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
               dst / "model.safetensors", metadata={"format": "pt"})
-    (dst / "config.json").write_text(json.dumps(config_to_hf(cfg, tied), indent=2))
+    dtype = params["tok_embeddings"].dtype.name  # what was written, whatever cfg says
+    (dst / "config.json").write_text(json.dumps(config_to_hf(cfg, tied, dtype), indent=2))
 
 
 # ------------------------------------------------------------------------------------- Meta

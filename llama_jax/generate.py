@@ -55,10 +55,13 @@ def bucket(n, smallest=16):
 
 @functools.partial(jax.jit, static_argnames="cfg", donate_argnames="cache")
 def _prefill(params, tokens, positions, segment_ids, cache, key, sampling, *, cfg):
-    logits, cache = Llama(cfg).apply({"params": params}, tokens, positions, segment_ids,
-                                     cache=cache)
-    # left padding puts every row's last prompt token in the last slot
-    return sample(logits[:, -1], jax.random.fold_in(key, 0), *sampling), cache
+    hidden, cache = Llama(cfg).apply({"params": params}, tokens, positions, segment_ids,
+                                     return_hidden=True, cache=cache)
+    # left padding puts every row's last prompt token in the last slot; projecting only that
+    # one keeps [B, T, V] logits of a long prompt out of memory
+    last = hidden[:, -1]  # [B, D]
+    logits = jnp.einsum("bd,dv->bv", last, params["output"].astype(last.dtype))
+    return sample(logits.astype(jnp.float32), jax.random.fold_in(key, 0), *sampling), cache
 
 
 @functools.partial(jax.jit, static_argnames="cfg", donate_argnames="cache")

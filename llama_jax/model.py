@@ -263,9 +263,10 @@ class Llama(nn.Module):
         out = _param(self, "output", _dense_init(cfg.dim), (cfg.dim, cfg.vocab_size),
                      ("embed", "vocab"), cfg)
         if return_hidden:  # the loss projects in chunks so [B, T, V] never exists at once
-            return x
-        logits = jnp.einsum("btd,dv->btv", x, out.astype(x.dtype)).astype(jnp.float32)
+            result = x
+        else:
+            result = jnp.einsum("btd,dv->btv", x, out.astype(x.dtype)).astype(jnp.float32)
         if cache is None:
-            return logits
-        return logits, {"k": kv[0], "v": kv[1], "segment_ids": slots,
+            return result
+        return result, {"k": kv[0], "v": kv[1], "segment_ids": slots,
                         "index": cache["index"] + t}
