@@ -4,7 +4,8 @@
 import runpy
 import sys
 
-COMMANDS = {"train": "llama_jax.train"}
+COMMANDS = {"train": "llama_jax.train", "convert": "llama_jax.convert",
+            "generate": "llama_jax.generate", "evaluate": "llama_jax.evaluate"}
 
 
 def main():

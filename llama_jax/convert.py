@@ -24,6 +24,15 @@ from absl import app, flags
 
 from llama_jax.model import DTYPES, ModelConfig
 
+def _optional(module, extra):
+    """Imports an optional extra, or says how to install it."""
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError:
+        raise ImportError(f"{module} is needed for this conversion: pip install "
+                          f"'llama_jax[{extra}]'") from None
+
+
 # ---------------------------------------------------------------- the layer-by-layer mapping
 
 def _layer_from_linears(t, cfg):
@@ -115,7 +124,7 @@ def config_to_hf(cfg: ModelConfig, tie_word_embeddings=False, dtype="float32") -
 
 def _read_safetensors(src):
     """All tensors of a HF directory, single-file or sharded (model.safetensors.index.json)."""
-    from safetensors.numpy import load_file
+    load_file = _optional("safetensors.numpy", "hf").load_file
     index = src / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -184,7 +193,7 @@ def save_hf(cfg: ModelConfig, params, dst):
 
     The embeddings are written tied (no lm_head) only when output is exactly tok_embeddings.T.
     """
-    from safetensors.numpy import save_file
+    save_file = _optional("safetensors.numpy", "hf").save_file
     dst = pathlib.Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     params = jax.tree.map(np.asarray, params)
@@ -223,7 +232,7 @@ META_SPLIT = {"tok_embeddings": 1, "output": 0, "norm": None, "wq": 0, "wk": 0, 
 
 
 def _read_meta_shards(src):
-    import torch
+    torch = _optional("torch", "meta")
     files = sorted(src.glob("consolidated.*.pth"))
     if not files:
         raise FileNotFoundError(f"no consolidated.NN.pth under {src}: point --src at a Meta "
