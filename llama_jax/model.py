@@ -156,7 +156,7 @@ class Attention(nn.Module):
         q = q.reshape(b, t, k, h // k, e)  # GQA: G query heads share one kv head
         scores = jnp.einsum("bskge,btke->bkgst", q, key).astype(jnp.float32) * e ** -0.5
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # [B, K, G, T, T]
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # [B, K, G, T, T or S]
         out = jnp.einsum("bkgst,btke->bskge", probs, v).reshape(b, t, h, e)
         out = checkpoint_name(jnp.einsum("bthe,hed->btd", out, wo.astype(dt)), "attn_out")
         return out if kv is None else (out, (key, v))
@@ -222,8 +222,8 @@ class Llama(nn.Module):
         segment_ids [B, T] keep packed documents apart (0 marks padding); positions restart
         at 0 in each document. Both default to a single unpadded document per row.
         With a cache (init_cache), the T tokens fill its next T slots and attend to every
-        earlier slot; returns (logits, updated cache). Generation uses this for prefill and
-        for each decode step, so the prefix is never recomputed.
+        earlier slot; returns (logits or hidden, updated cache). Generation uses this for
+        prefill and for each decode step, so the prefix is never recomputed.
         """
         cfg = self.cfg
         b, t = tokens.shape
