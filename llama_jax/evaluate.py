@@ -105,7 +105,7 @@ def define_flags():
 
 def main(argv):
     from llama_jax.data.tokenizer import load_tokenizer
-    from llama_jax.generate import load_model
+    from llama_jax.generate import load_model, place
     fl = flags.FLAGS
     if len(argv) > 1 or not fl.workdir:
         raise app.UsageError("give --workdir=DIR and no positional arguments")
@@ -118,7 +118,7 @@ def main(argv):
     seq_len = fl.seq_len or (data.seq_len if data else min(cfg.max_seq_len, 2048))
     fraction = data.validation_fraction if data else 0.02
     texts = [corpus.read_text(p) for p in corpus.stdlib_files("validation", fraction)]
-    result = evaluate_texts(cfg, jax.device_put(params), tokenizer, texts, seq_len,
+    result = evaluate_texts(cfg, place(cfg, params), tokenizer, texts, seq_len,
                             fl.batch_size, fl.max_batches)
     result = {"source": "stdlib/validation", **result}
     print(json.dumps(result))

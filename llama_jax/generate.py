@@ -116,6 +116,16 @@ def generate(cfg: ModelConfig, params, prompts, max_new_tokens, sampling=Samplin
     return out
 
 
+def place(cfg: ModelConfig, params, mesh_config=None, rules="fsdp"):
+    """Puts the parameters on every device with the training sharding rules, so a model too big
+    for one device spreads over all of them; the jitted steps follow (GSPMD)."""
+    from llama_jax import sharding
+    mesh = sharding.make_mesh(mesh_config or {"data": 1, "fsdp": -1, "tensor": 1})
+    boxed = jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0),
+                                                   jnp.zeros((1, 8), jnp.int32))["params"])
+    return jax.device_put(params, sharding.tree_shardings(boxed, mesh, rules))
+
+
 def load_model(workdir=None, hf=None, config=None):
     """(ModelConfig, params, tokenizer path) of a workdir (model.json or a config's model
     section + latest checkpoint) or of a Hugging Face directory."""
@@ -172,7 +182,7 @@ def main(argv):
             shown[0] = len(text)
 
     sampling = Sampling(fl.temperature, fl.top_k, fl.top_p)
-    params = jax.device_put(params)
+    params = place(cfg, params)
     sys.stdout.write(fl.prompt[0] if len(prompts) == 1 else "")
     outs = generate(cfg, params, prompts, fl.max_new_tokens, sampling, fl.seed,
                     tokenizer.eos_id(), stream)

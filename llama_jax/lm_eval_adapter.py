@@ -56,7 +56,7 @@ class LlamaJaxLM(LM):
             raise FileNotFoundError(f"{tok_path} is missing: put the model's tokenizer.model "
                                     "beside its weights")
         self.tokenizer = load_tokenizer(tok_path, self.cfg.vocab_size)
-        self.params = jax.device_put(params)
+        self.params = gen.place(self.cfg, params)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_length = min(int(max_length or self.cfg.max_seq_len), self.cfg.max_seq_len)
 
