@@ -251,3 +251,31 @@ def test_bfloat16_checkpoints_stay_bfloat16_bit_exactly(tmp_path):
     written = load_file(tmp_path / "back" / "model.safetensors")
     for key, tensor in model.state_dict().items():
         assert np.array_equal(written[key].view(np.int16), tensor.view(torch.int16).numpy()), key
+
+
+def test_with_a_training_config_the_workdir_resumes_as_a_train_state(tmp_path):
+    from helpers import micro_config
+    from llama_jax import checkpoint, optim, sharding, train_step
+    from llama_jax.config import validate
+    config = micro_config()  # V=512 D=64 L=2 H=4 K=2 F=128, as the HF model below
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=128, rms_norm_eps=1e-6,
+        tie_word_embeddings=False)).eval()
+    model.save_pretrained(tmp_path / "hf")
+    cfg, params = convert.load_hf(tmp_path / "hf")
+    convert.save_workdir(cfg, params, tmp_path / "wd", config=config)
+    # what train.py does when a workdir has a checkpoint
+    mesh = sharding.make_mesh(config.mesh)
+    tx, _ = optim.make_optimizer(config.train)
+    abstract, _ = train_step.state_shardings(Llama(validate(config, mesh.devices.shape)), tx,
+                                             mesh, config.sharding_rules, config.data.seq_len)
+    state = checkpoint.restore(checkpoint.manager(tmp_path / "wd"), abstract)
+    assert int(state.step) == 0
+    tokens = tokens_for(model)
+    np.testing.assert_allclose(our_logits(cfg, state.params, tokens), hf_logits(model, tokens),
+                               atol=1e-5, rtol=0)
+    wrong = micro_config(dim=128)
+    with pytest.raises(ValueError, match="'dim': 64"):
+        convert.save_workdir(cfg, params, tmp_path / "wd2", config=wrong)
