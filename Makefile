@@ -17,6 +17,7 @@ train: $(STAMP)
 	$(VENV)/bin/python -m llama_jax.train --config=configs/tiny.py --workdir=runs/tiny
 
 test: $(STAMP)
+	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements-test.txt
 	$(VENV)/bin/python -m pytest -q tests
 
 clean:

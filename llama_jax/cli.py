@@ -4,8 +4,8 @@
 import runpy
 import sys
 
-COMMANDS = {"train": "llama_jax.train", "bench": "llama_jax.bench",
-            "tokenizer": "llama_jax.tokenizer", "data": "llama_jax.data"}
+COMMANDS = {name: f"llama_jax.{name}" for name in (
+    "train", "bench", "tokenizer", "data", "convert", "generate", "evaluate")}
 
 
 def main():

@@ -132,7 +132,9 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask):
+    def __call__(self, x, positions, mask, kv=None, index=None):
+        """With kv=(keys, values) [B, S, K, E], this step's keys and values are written at slots
+        [index, index + T) and the queries attend over all S slots; returns (out, new kv)."""
         cfg = self.cfg
         d, h, k, e = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         init = _dense_init(d)
@@ -146,13 +148,18 @@ class Attention(nn.Module):
         v = jnp.einsum("btd,dke->btke", x, wv.astype(dt))
         q = rope(q, positions, cfg.rope_theta)
         key = rope(key, positions, cfg.rope_theta)
+        if kv is not None:
+            start = (0, index, 0, 0)
+            key = jax.lax.dynamic_update_slice(kv[0], key.astype(kv[0].dtype), start)
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
         b, t = x.shape[:2]
         q = q.reshape(b, t, k, h // k, e)  # GQA: G query heads share one kv head
         scores = jnp.einsum("bskge,btke->bkgst", q, key).astype(jnp.float32) * e ** -0.5
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # [B, K, G, T, T]
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # [B, K, G, T, T or S]
         out = jnp.einsum("bkgst,btke->bskge", probs, v).reshape(b, t, h, e)
-        return checkpoint_name(jnp.einsum("bthe,hed->btd", out, wo.astype(dt)), "attn_out")
+        out = checkpoint_name(jnp.einsum("bthe,hed->btd", out, wo.astype(dt)), "attn_out")
+        return out if kv is None else (out, (key, v))
 
 
 class MLP(nn.Module):
@@ -176,22 +183,47 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask):
-        x = x + Attention(self.cfg, name="attention")(
-            RMSNorm(self.cfg, name="attention_norm")(x), positions, mask)
+    def __call__(self, x, positions, mask, kv=None, index=None):
+        attn = Attention(self.cfg, name="attention")(
+            RMSNorm(self.cfg, name="attention_norm")(x), positions, mask, kv, index)
+        attn, kv = attn if kv is not None else (attn, None)
+        x = x + attn
         x = x + MLP(self.cfg, name="feed_forward")(RMSNorm(self.cfg, name="ffn_norm")(x))
-        return x, None  # (carry, per-layer output) so the same block runs under nn.scan
+        return x, kv  # (carry, per-layer output) so the same block runs under nn.scan
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int):
+    """An empty KV cache of `length` slots: keys/values [L, B, S, K, E], the segment id of each
+    slot [B, S] (0: empty or padding, never attended) and the next slot to write."""
+    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, DTYPES[cfg.dtype]), "v": jnp.zeros(shape, DTYPES[cfg.dtype]),
+            "segment_ids": jnp.zeros((batch, length), jnp.int32),
+            "index": jnp.zeros((), jnp.int32)}
+
+
+def cache_mask(cache, segment_ids):
+    """Queries at slots [index, index + T) see every earlier non-padding slot: [B, 1, 1, T, S]
+    mask, and the slot segment ids with this step's written in."""
+    t, s = segment_ids.shape[1], cache["segment_ids"].shape[1]
+    slots = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32),
+                                         (0, cache["index"]))
+    causal = jnp.arange(s)[None, :] <= (cache["index"] + jnp.arange(t))[:, None]  # [T, S]
+    return (causal[None] & (slots[:, None, :] > 0))[:, None, None], slots
 
 
 class Llama(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, return_hidden=False):
+    def __call__(self, tokens, positions=None, segment_ids=None, return_hidden=False,
+                 cache=None):
         """tokens [B, T] -> logits [B, T, V] (float32), or the final normed hidden [B, T, D].
 
         segment_ids [B, T] keep packed documents apart (0 marks padding); positions restart
         at 0 in each document. Both default to a single unpadded document per row.
+        With a cache (init_cache), the T tokens fill its next T slots and attend to every
+        earlier slot; returns (logits or hidden, updated cache). Generation uses this for
+        prefill and for each decode step, so the prefix is never recomputed.
         """
         cfg = self.cfg
         b, t = tokens.shape
@@ -199,7 +231,11 @@ class Llama(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
-        mask = attention_mask(segment_ids)
+        if cache is None:
+            mask, extra = attention_mask(segment_ids), ()
+        else:
+            mask, slots = cache_mask(cache, segment_ids)
+            extra = ((cache["k"], cache["v"]), cache["index"])
         embed = _param(self, "tok_embeddings", nn.initializers.normal(0.02),
                        (cfg.vocab_size, cfg.dim), ("vocab", "embed"), cfg)
         x = jnp.take(embed, tokens, axis=0).astype(DTYPES[cfg.dtype])  # [B, T, D]
@@ -209,17 +245,28 @@ class Llama(nn.Module):
             Block, policy=policy, prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             # One compiled layer body looped L times: compile time does not grow with depth.
+            # The cache's [L, ...] keys and values are scanned over with the layers.
+            in_axes = (nn.broadcast, nn.broadcast) + ((0, nn.broadcast) if extra else ())
             layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                             in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                             in_axes=in_axes, length=cfg.n_layers,
                              metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = layers(cfg, name="layers")(x, positions, mask)
+            x, kv = layers(cfg, name="layers")(x, positions, mask, *extra)
         else:
+            kvs = []
             for i in range(cfg.n_layers):
-                x, _ = block(cfg, name=f"layers_{i}")(x, positions, mask)
+                layer_extra = (jax.tree.map(lambda c: c[i], extra[0]), extra[1]) if extra else ()
+                x, layer_kv = block(cfg, name=f"layers_{i}")(x, positions, mask, *layer_extra)
+                kvs.append(layer_kv)
+            kv = jax.tree.map(lambda *a: jnp.stack(a), *kvs) if extra else None
 
         x = RMSNorm(cfg, name="norm")(x)
         out = _param(self, "output", _dense_init(cfg.dim), (cfg.dim, cfg.vocab_size),
                      ("embed", "vocab"), cfg)
         if return_hidden:  # the loss projects in chunks so [B, T, V] never exists at once
-            return x
-        return jnp.einsum("btd,dv->btv", x, out.astype(x.dtype)).astype(jnp.float32)
+            result = x
+        else:
+            result = jnp.einsum("btd,dv->btv", x, out.astype(x.dtype)).astype(jnp.float32)
+        if cache is None:
+            return result
+        return result, {"k": kv[0], "v": kv[1], "segment_ids": slots,
+                        "index": cache["index"] + t}

@@ -1,0 +1,431 @@
+"""Weights in and out: Hugging Face (config.json + safetensors) and Meta (params.json +
+consolidated.NN.pth) to our parameter tree and a workdir, and our parameters back to Hugging Face.
+
+  python -m llama_jax.convert --from=hf --src=HF_DIR --dst=WORKDIR [--config=configs/x.py]
+  python -m llama_jax.convert --from=meta --src=META_DIR --dst=WORKDIR
+  python -m llama_jax.convert --to=hf --src=WORKDIR --dst=HF_DIR [--config=configs/x.py]
+
+A converted WORKDIR holds model.json (the `config.model` section as JSON), tokenizer.model when
+the source has one, and checkpoints/0 with a single Orbax item "params" (no optimizer state), or
+with --config=configs/x.py a step-0 TrainState that `llama_jax.train` resumes (fine-tuning).
+Our RoPE is Hugging Face's rotate-half layout, so HF weights map by transposes and reshapes only;
+Meta's q/k rows are permuted once, in meta_to_rotate_half.
+"""
+
+import dataclasses
+import json
+import pathlib
+import re
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import app, flags
+
+from llama_jax.model import DTYPES, ModelConfig
+
+def _optional(module, extra):
+    """Imports an optional extra, or says how to install it."""
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError:
+        raise ImportError(f"{module} is needed for this conversion: pip install "
+                          f"'llama_jax[{extra}]'") from None
+
+
+# ---------------------------------------------------------------- the layer-by-layer mapping
+
+def _layer_from_linears(t, cfg):
+    """PyTorch [out, in] matrices of one layer (our names) -> our per-layer parameter dict."""
+    d, h, k, e = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    return {
+        "attention": {"wq": t["wq"].T.reshape(d, h, e), "wk": t["wk"].T.reshape(d, k, e),
+                      "wv": t["wv"].T.reshape(d, k, e), "wo": t["wo"].T.reshape(h, e, d)},
+        "attention_norm": {"scale": t["attention_norm"]},
+        "feed_forward": {"w1": t["w1"].T, "w2": t["w2"].T, "w3": t["w3"].T},
+        "ffn_norm": {"scale": t["ffn_norm"]},
+    }
+
+
+def _layer_to_linears(p, cfg):
+    """Inverse of _layer_from_linears."""
+    d, h, k, e = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    a, f = p["attention"], p["feed_forward"]
+    return {"wq": a["wq"].reshape(d, h * e).T, "wk": a["wk"].reshape(d, k * e).T,
+            "wv": a["wv"].reshape(d, k * e).T, "wo": a["wo"].reshape(h * e, d).T,
+            "w1": f["w1"].T, "w2": f["w2"].T, "w3": f["w3"].T,
+            "attention_norm": p["attention_norm"]["scale"], "ffn_norm": p["ffn_norm"]["scale"]}
+
+
+def _assemble(cfg, embed, norm, output, layers):
+    """Our tree from per-layer dicts: stacked on axis 0 under "layers" when cfg.scan_layers."""
+    params = {"tok_embeddings": embed, "norm": {"scale": norm}, "output": output}
+    if cfg.scan_layers:
+        params["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
+    else:
+        params.update({f"layers_{i}": layer for i, layer in enumerate(layers)})
+    return params
+
+
+def _layers(params, cfg):
+    """Per-layer dicts from either tree layout."""
+    if "layers" in params:
+        return [jax.tree.map(lambda x: x[i], params["layers"]) for i in range(cfg.n_layers)]
+    return [params[f"layers_{i}"] for i in range(cfg.n_layers)]
+
+
+# ------------------------------------------------------------------------------ Hugging Face
+
+HF_LAYER = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
+            "wo": "self_attn.o_proj", "w1": "mlp.gate_proj", "w3": "mlp.up_proj",
+            "w2": "mlp.down_proj", "attention_norm": "input_layernorm",
+            "ffn_norm": "post_attention_layernorm"}
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    arch = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
+    if arch != "LlamaForCausalLM" or hf.get("model_type", "llama") != "llama":
+        raise ValueError(f"config.json describes {arch} (model_type {hf.get('model_type')!r}): "
+                         "only LlamaForCausalLM checkpoints can be converted")
+    if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ValueError("config.json asks for a non-silu activation or biases, which LLaMA "
+                         "does not have: convert a plain Llama checkpoint")
+    # transformers 5 nests rope settings in rope_parameters; 4.x kept rope_theta/rope_scaling flat
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"rope type {rope.get('rope_type')!r} is not supported: only plain "
+                         "RoPE (rope_type 'default') is implemented in model.rope")
+    heads = hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
+        raise ValueError(f"head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads"
+                         f"={hf['hidden_size'] // heads}: model.py derives head_dim from dim")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+        n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
+        ffn_dim=hf["intermediate_size"], norm_eps=hf["rms_norm_eps"],
+        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+        max_seq_len=hf.get("max_position_embeddings", 2048), dtype="float32",
+        param_dtype="float32")
+
+
+def config_to_hf(cfg: ModelConfig, tie_word_embeddings=False, dtype="float32") -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": tie_word_embeddings,
+        "bos_token_id": 1, "eos_token_id": 2, "dtype": dtype,
+    }
+
+
+def _read_safetensors(src):
+    """All tensors of a HF directory, single-file or sharded (model.safetensors.index.json)."""
+    load_file = _optional("safetensors.numpy", "hf").load_file
+    index = src / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (src / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{src} has neither model.safetensors nor "
+                                "model.safetensors.index.json: save the model with "
+                                "save_pretrained(..., safe_serialization=True)")
+    tensors = {}
+    for name in files:
+        if not (src / name).exists():
+            raise FileNotFoundError(f"shard {src / name} named in the index is missing: "
+                                    "download every model-*.safetensors file")
+        tensors.update(load_file(src / name))
+    return tensors
+
+
+def _check_shape(name, array, shape):
+    if tuple(array.shape) != tuple(shape):
+        raise ValueError(f"tensor {name} has shape {tuple(array.shape)} but the config implies "
+                         f"{tuple(shape)}: config.json and the weights disagree")
+
+
+def load_hf(src):
+    """HF_DIR -> (ModelConfig, params) in our layout, keeping the stored dtype."""
+    src = pathlib.Path(src)
+    if not (src / "config.json").exists():
+        raise FileNotFoundError(f"{src / 'config.json'} is missing: point --src at a Hugging "
+                                "Face model directory")
+    hf = json.loads((src / "config.json").read_text())
+    cfg = config_from_hf(hf)
+    tensors = _read_safetensors(src)
+    used = set()
+
+    def take(name, shape):
+        if name not in tensors:
+            raise KeyError(f"tensor {name} is missing from {src}: the checkpoint is incomplete "
+                           "or not a Llama model")
+        used.add(name)
+        _check_shape(name, tensors[name], shape)
+        return tensors[name]
+
+    d, f, kv = cfg.dim, cfg.ffn_dim, cfg.n_kv_heads * cfg.head_dim
+    shapes = {"wq": (d, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, d), "w1": (f, d),
+              "w3": (f, d), "w2": (d, f), "attention_norm": (d,), "ffn_norm": (d,)}
+    layers = [_layer_from_linears({ours: take(f"model.layers.{i}.{theirs}.weight", shapes[ours])
+                                   for ours, theirs in HF_LAYER.items()}, cfg)
+              for i in range(cfg.n_layers)]
+    embed = take("model.embed_tokens.weight", (cfg.vocab_size, d))
+    if embed.dtype.name not in DTYPES:
+        raise ValueError(f"weights are {embed.dtype.name}: only {sorted(DTYPES)} are supported")
+    # compute in the stored precision, so a bfloat16 checkpoint runs as it was released
+    cfg = dataclasses.replace(cfg, dtype=embed.dtype.name, param_dtype=embed.dtype.name)
+    tied = hf.get("tie_word_embeddings", False) and "lm_head.weight" not in tensors
+    output = embed.T if tied else take("lm_head.weight", (cfg.vocab_size, d)).T
+    params = _assemble(cfg, embed, take("model.norm.weight", (d,)), output, layers)
+    unknown = sorted(n for n in set(tensors) - used if "rotary_emb" not in n)
+    if unknown:
+        raise ValueError(f"unexpected tensors {unknown[:3]} in {src}: not a plain Llama model")
+    return cfg, params
+
+
+def save_hf(cfg: ModelConfig, params, dst):
+    """Writes config.json + model.safetensors that transformers' LlamaForCausalLM loads.
+
+    The embeddings are written tied (no lm_head) only when output is exactly tok_embeddings.T.
+    """
+    save_file = _optional("safetensors.numpy", "hf").save_file
+    dst = pathlib.Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    params = jax.tree.map(np.asarray, params)
+    tied = np.array_equal(params["output"].T, params["tok_embeddings"])
+    tensors = {"model.embed_tokens.weight": params["tok_embeddings"],
+               "model.norm.weight": params["norm"]["scale"]}
+    if not tied:
+        tensors["lm_head.weight"] = params["output"].T
+    for i, layer in enumerate(_layers(params, cfg)):
+        for ours, array in _layer_to_linears(layer, cfg).items():
+            tensors[f"model.layers.{i}.{HF_LAYER[ours]}.weight"] = array
+    # "pt" metadata: transformers refuses safetensors files without it
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+              dst / "model.safetensors", metadata={"format": "pt"})
+    dtype = params["tok_embeddings"].dtype.name  # what was written, whatever cfg says
+    (dst / "config.json").write_text(json.dumps(config_to_hf(cfg, tied, dtype), indent=2))
+
+
+# ------------------------------------------------------------------------------------- Meta
+
+def meta_to_rotate_half(w, n_heads):
+    """Meta q/k rows [N*E, D] -> the rotate-half order that model.rope (and HF) uses.
+
+    Meta's RoPE rotates interleaved pairs (x0, x1), (x2, x3), ...; rotate-half rotates
+    (x_i, x_{i+E/2}). Within each head, row 2i+j moves to row j*E/2 + i, so pair i lands on
+    positions (i, i+E/2). Applied once on the way in; everything after sees one layout.
+    """
+    rows, d = w.shape
+    e = rows // n_heads
+    return w.reshape(n_heads, e // 2, 2, d).swapaxes(1, 2).reshape(rows, d)
+
+
+# Meta's model-parallel layout: the dimension each sharded tensor was split along (None: copied).
+META_SPLIT = {"tok_embeddings": 1, "output": 0, "norm": None, "wq": 0, "wk": 0, "wv": 0,
+              "wo": 1, "w1": 0, "w3": 0, "w2": 1, "attention_norm": None, "ffn_norm": None}
+
+
+def _read_meta_shards(src):
+    torch = _optional("torch", "meta")
+    files = sorted(src.glob("consolidated.*.pth"))
+    if not files:
+        raise FileNotFoundError(f"no consolidated.NN.pth under {src}: point --src at a Meta "
+                                "checkpoint directory")
+    numbers = [int(re.fullmatch(r"consolidated\.(\d+)\.pth", p.name).group(1)) for p in files]
+    if numbers != list(range(len(files))):
+        missing = sorted(set(range(max(numbers) + 1)) - set(numbers))
+        raise FileNotFoundError(f"{src} is missing model-parallel shard(s) "
+                                f"{['consolidated.%02d.pth' % n for n in missing]}: download "
+                                "every shard")
+    shards = [torch.load(p, map_location="cpu", weights_only=True) for p in files]
+    merged = {}
+    for name in shards[0]:
+        if name.endswith("rope.freqs"):
+            continue
+        kind = name.split(".")[-2]
+        parts = [s[name].float().numpy() if s[name].dtype == torch.bfloat16
+                 else s[name].numpy() for s in shards]
+        axis = META_SPLIT.get(kind, "unknown")
+        if axis == "unknown":
+            raise ValueError(f"unexpected tensor {name} in {src}: not a LLaMA checkpoint")
+        merged[name] = parts[0] if axis is None or len(parts) == 1 else np.concatenate(parts, axis)
+    return merged
+
+
+def load_meta(src):
+    """META_DIR (params.json + consolidated.NN.pth) -> (ModelConfig, params), float32."""
+    src = pathlib.Path(src)
+    if not (src / "params.json").exists():
+        raise FileNotFoundError(f"{src / 'params.json'} is missing: point --src at a Meta "
+                                "checkpoint directory")
+    meta = json.loads((src / "params.json").read_text())
+    t = _read_meta_shards(src)
+
+    def take(name):
+        if name not in t:
+            raise KeyError(f"tensor {name} is missing from {src}: the checkpoint is incomplete")
+        return t[name]
+
+    embed = take("tok_embeddings.weight")
+    ffn_dim = take("layers.0.feed_forward.w1.weight").shape[0]  # covers ffn_dim_multiplier too
+    cfg = ModelConfig(vocab_size=embed.shape[0], dim=meta["dim"], n_layers=meta["n_layers"],
+                      n_heads=meta["n_heads"], n_kv_heads=meta.get("n_kv_heads"),
+                      ffn_dim=ffn_dim, norm_eps=meta.get("norm_eps", 1e-6),
+                      rope_theta=meta.get("rope_theta", 10000.0))
+    d, f, kv = cfg.dim, cfg.ffn_dim, cfg.n_kv_heads * cfg.head_dim
+    shapes = {"wq": (d, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, d), "w1": (f, d),
+              "w3": (f, d), "w2": (d, f), "attention_norm": (d,), "ffn_norm": (d,)}
+    layers = []
+    for i in range(cfg.n_layers):
+        raw = {}
+        for ours, shape in shapes.items():
+            group = "attention" if ours in ("wq", "wk", "wv", "wo") else "feed_forward"
+            name = (f"layers.{i}.{ours}.weight" if ours.endswith("norm")
+                    else f"layers.{i}.{group}.{ours}.weight")
+            raw[ours] = take(name)
+            _check_shape(name, raw[ours], shape)  # a short merge means a missing shard
+        raw["wq"] = meta_to_rotate_half(raw["wq"], cfg.n_heads)
+        raw["wk"] = meta_to_rotate_half(raw["wk"], cfg.n_kv_heads)
+        layers.append(_layer_from_linears(raw, cfg))
+    _check_shape("tok_embeddings.weight", embed, (cfg.vocab_size, d))
+    output = take("output.weight")
+    _check_shape("output.weight", output, (cfg.vocab_size, d))
+    return cfg, _assemble(cfg, embed, take("norm.weight"), output.T, layers)
+
+
+# --------------------------------------------------------------------------------- workdirs
+
+def save_workdir(cfg: ModelConfig, params, workdir, tokenizer_path=None, config=None):
+    """model.json [+ tokenizer.model] + checkpoints/0 under workdir.
+
+    Without a training config the checkpoint holds the Orbax item "params" only. With one
+    (a configs/*.py ConfigDict whose model section matches the weights) it holds a step-0
+    TrainState with a fresh optimizer state, laid out as that config trains, so
+    `python -m llama_jax.train --config=... --workdir=...` continues from these weights.
+    """
+    from llama_jax import checkpoint
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if tokenizer_path is not None:
+        from llama_jax.data.tokenizer import load_tokenizer
+        load_tokenizer(tokenizer_path, cfg.vocab_size)  # a vocabulary mismatch stops here
+        shutil.copyfile(tokenizer_path, workdir / "tokenizer.model")
+    mngr = checkpoint.manager(workdir)
+    if config is None:
+        mngr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
+    else:
+        cfg, state = _train_state(config, cfg, params)
+        checkpoint.save(mngr, 0, state)
+    (workdir / "model.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    mngr.wait_until_finished()
+    mngr.close()
+
+
+def _train_state(config, cfg, params):
+    """(the config's ModelConfig, a step-0 TrainState) for converted weights."""
+    import jax.numpy as jnp
+    from llama_jax import optim
+    from llama_jax.config import model_config
+    from llama_jax.train_step import TrainState
+    target = model_config(config)
+    math_fields = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
+                   "norm_eps", "rope_theta")
+    differ = {f: getattr(cfg, f) for f in math_fields if getattr(cfg, f) != getattr(target, f)}
+    if differ:
+        raise ValueError(f"the config's model section differs from the weights in {differ}: "
+                         "set those config.model values to match")
+    dtype = DTYPES[target.param_dtype]
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), _assemble(
+        target, params["tok_embeddings"], params["norm"]["scale"], params["output"],
+        _layers(params, cfg)))
+    tx, _ = optim.make_optimizer(config.train)
+    return target, TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                              opt_state=tx.init(params))
+
+
+def load_config_json(workdir) -> ModelConfig:
+    path = pathlib.Path(workdir) / "model.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: convert into this workdir with "
+                                "`python -m llama_jax.convert` or pass --config")
+    return ModelConfig(**json.loads(path.read_text()))
+
+
+def load_params(workdir, step=None):
+    """Parameters of a workdir's latest (or given) checkpoint: a converted one (item "params")
+    or a training one (item "state", of which only params are read), as host numpy arrays."""
+    from llama_jax import checkpoint
+    mngr = checkpoint.manager(workdir)
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint under {pathlib.Path(workdir) / 'checkpoints'}: "
+                                "train or convert into this workdir first")
+    mngr.close()
+    step_dir = pathlib.Path(mngr.directory) / str(step)
+    item = "params" if (step_dir / "params").exists() else "state"
+    ckptr = ocp.PyTreeCheckpointer()
+    meta = ckptr.metadata(step_dir / item).item_metadata
+    meta = meta if item == "params" else meta["params"]
+    # read straight into host numpy: no mesh is needed, and a training state's optimizer
+    # moments (twice the size of the parameters) are never loaded
+    target = jax.tree.map(lambda m: np.zeros((), m.dtype), meta)
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    if item == "state":
+        target, args = {"params": target}, {"params": args}
+    tree = ckptr.restore(step_dir / item, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=args, partial_restore=item == "state"))
+    params = tree if item == "params" else tree["params"]
+    return jax.tree.map(np.asarray, params)
+
+
+# -------------------------------------------------------------------------------------- CLI
+
+def define_flags():
+    """Defined only when run as a program, so importing this module never clashes with the
+    flags of other entry points in the same process (tests import several)."""
+    flags.DEFINE_enum("from", None, ["hf", "meta"], "Convert from this format into a workdir.")
+    flags.DEFINE_enum("to", None, ["hf"], "Convert a workdir's latest checkpoint to this format.")
+    flags.DEFINE_string("src", None, "Source directory (HF or Meta model, or a workdir).")
+    flags.DEFINE_string("dst", None, "Destination directory (a workdir, or an HF model).")
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, "With --from: write a TrainState that this "
+                                    "configs/*.py trains on; with --to: the config a training "
+                                    "workdir was trained with (a converted one has model.json).")
+
+
+def main(argv):
+    fl = flags.FLAGS
+    source = fl["from"].value
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if (source is None) == (fl.to is None) or not fl.src or not fl.dst:
+        raise app.UsageError("give exactly one of --from=hf|meta or --to=hf, plus --src and "
+                             "--dst, e.g. --from=hf --src=hf_model --dst=runs/converted")
+    src = pathlib.Path(fl.src)
+    if fl.to == "hf":
+        if fl.config is not None:
+            from llama_jax.config import model_config
+            cfg = model_config(fl.config)
+        else:
+            cfg = load_config_json(src)
+        save_hf(cfg, load_params(src), fl.dst)
+        tok = src / "tokenizer.model"
+        if tok.exists():
+            shutil.copyfile(tok, pathlib.Path(fl.dst) / "tokenizer.model")
+    else:
+        cfg, params = load_hf(src) if source == "hf" else load_meta(src)
+        tok = src / "tokenizer.model"
+        save_workdir(cfg, params, fl.dst, tok if tok.exists() else None, fl.config)
+    print(f"wrote {fl.dst}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

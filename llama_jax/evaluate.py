@@ -1,0 +1,129 @@
+"""Validation loss, perplexity and bits per byte of a workdir's latest checkpoint on the built-in
+corpus's validation split.
+
+  python -m llama_jax.evaluate --workdir=runs/tiny --config=configs/tiny.py
+  python -m llama_jax.evaluate --workdir=runs/converted   # a converted workdir has model.json
+
+Every token of every validation document is predicted exactly once: documents are packed into
+rows that overlap by one token, each row's pieces attend only within their own document.
+"""
+
+import functools
+import json
+import math
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from llama_jax import train_step
+from llama_jax.data import corpus
+from llama_jax.data.tokenizer import BOS_ID, EOS_ID
+from llama_jax.model import Llama
+
+
+def rows(token_docs, seq_len):
+    """Yields (inputs, targets, positions, segment_ids, loss_mask) rows of seq_len, each target
+    once. A document cut by a row boundary continues in the next row from position 0 (as in
+    training), with the boundary token repeated as that row's first input."""
+    stream, segs = [], []
+    for doc_id, doc in enumerate(token_docs, start=1):
+        stream.extend(doc)
+        segs.extend([doc_id] * len(doc))
+    stream, segs = np.asarray(stream, np.int32), np.asarray(segs, np.int32)
+    for start in range(0, max(len(stream) - 1, 0), seq_len):
+        tok = np.zeros(seq_len + 1, np.int32)
+        seg = np.zeros(seq_len + 1, np.int32)
+        piece = slice(start, start + seq_len + 1)
+        tok[:len(stream[piece])] = stream[piece]
+        seg[:len(segs[piece])] = segs[piece]
+        inputs_seg = seg[:-1]
+        positions = np.zeros(seq_len, np.int32)
+        for doc_id in np.unique(inputs_seg[inputs_seg > 0]):
+            where = np.flatnonzero(inputs_seg == doc_id)
+            positions[where] = np.arange(len(where))
+        yield (tok[:-1], tok[1:], positions, inputs_seg,
+               ((inputs_seg == seg[1:]) & (inputs_seg > 0)).astype(np.float32))
+
+
+def evaluate_texts(cfg, params, tokenizer, texts, seq_len, batch_size, max_batches=0):
+    """{'loss', 'perplexity', 'bits_per_byte', 'tokens', 'bytes'} over the texts."""
+    if seq_len > cfg.max_seq_len:
+        raise ValueError(f"seq_len={seq_len} exceeds model.max_seq_len={cfg.max_seq_len}: "
+                         "lower --seq_len")
+    docs = [[BOS_ID] + tokenizer.encode(t) + [EOS_ID] for t in texts if t.strip()]
+    texts = [t for t in texts if t.strip()]
+    step = jax.jit(functools.partial(train_step.eval_step, model=Llama(cfg), chunk_size=0))
+    keys = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+    all_rows = list(rows(docs, seq_len))
+    if max_batches:  # a quick look: a prefix of the documents, counted whole
+        all_rows = all_rows[:max_batches * batch_size]
+    nll = count = 0.0
+    for b in range(0, len(all_rows), batch_size):
+        chunk = all_rows[b:b + batch_size]
+        chunk += [tuple(np.zeros_like(x) for x in chunk[0])] * (batch_size - len(chunk))
+        batch = {k: np.stack([r[i] for r in chunk]) for i, k in enumerate(keys)}
+        out = step(params, batch)
+        nll += float(out["loss_sum"])
+        count += float(out["tokens"])
+    if not count:
+        raise ValueError("no validation tokens to evaluate: check the corpus")
+    # bytes of exactly the documents whose every target was scored
+    scored = sum(len(d) - 1 for d in docs)
+    n_bytes = (sum(len(t.encode("utf-8")) for t in texts) if count == scored else
+               _bytes_of_prefix(docs, texts, int(count)))
+    loss = nll / count
+    return {"loss": loss, "perplexity": math.exp(loss),
+            "bits_per_byte": nll / (math.log(2) * n_bytes), "tokens": int(count),
+            "bytes": n_bytes}
+
+
+def _bytes_of_prefix(docs, texts, targets):
+    """UTF-8 bytes covered by the first `targets` predicted tokens (with --max_batches)."""
+    total = 0
+    for doc, text in zip(docs, texts):
+        if targets >= len(doc) - 1:
+            total += len(text.encode("utf-8"))
+            targets -= len(doc) - 1
+        else:  # a partly scored document: its bytes in proportion to its scored tokens
+            total += round(len(text.encode("utf-8")) * targets / (len(doc) - 1))
+            break
+    return total
+
+
+def define_flags():
+    """Defined only when run as a program, so tests can import every entry point at once."""
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, "configs/*.py of a training workdir (its "
+                                    "model and data sections); optional with model.json.")
+    flags.DEFINE_string("workdir", None, "Workdir: latest checkpoint and tokenizer.model.")
+    flags.DEFINE_integer("seq_len", 0, "Tokens per row; default data.seq_len of --config, "
+                         "else min(model.max_seq_len, 2048).")
+    flags.DEFINE_integer("batch_size", 8, "Rows per evaluation step.")
+    flags.DEFINE_integer("max_batches", 0, "Stop after this many batches (0: the whole split).")
+
+
+def main(argv):
+    from llama_jax.data.tokenizer import load_tokenizer
+    from llama_jax.generate import load_model, place
+    fl = flags.FLAGS
+    if len(argv) > 1 or not fl.workdir:
+        raise app.UsageError("give --workdir=DIR and no positional arguments")
+    cfg, params, tok_path = load_model(fl.workdir, config=fl.config)
+    if not tok_path.exists():
+        raise FileNotFoundError(f"{tok_path} is missing: the workdir needs the tokenizer its "
+                                "model was trained with")
+    tokenizer = load_tokenizer(tok_path, cfg.vocab_size)
+    data = fl.config.data if fl.config else None
+    seq_len = fl.seq_len or (data.seq_len if data else min(cfg.max_seq_len, 2048))
+    fraction = data.validation_fraction if data else 0.02
+    texts = [corpus.read_text(p) for p in corpus.stdlib_files("validation", fraction)]
+    result = evaluate_texts(cfg, place(cfg, params), tokenizer, texts, seq_len,
+                            fl.batch_size, fl.max_batches)
+    result = {"source": "stdlib/validation", **result}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
