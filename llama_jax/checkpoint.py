@@ -143,27 +143,19 @@ class Checkpointer:
 
 
 def restore_params(source, abstract_state):
-    """Params only, from another run's workdir (or its checkpoints/ dir), onto this run's mesh."""
+    """Params only, from another run's or a converted workdir, onto this run's shardings."""
+    from llama_jax import convert  # convert imports this module's neighbours, not the reverse
     source = pathlib.Path(source)
-    if not (source / "checkpoints").exists() and (source.name == "checkpoints"):
-        source = source.parent
     if not (source / "checkpoints").is_dir():
         raise CheckpointError(f"config.init_from={source} holds no checkpoints/ directory: "
-                              "point it at a run's workdir")
-    other = Checkpointer(source)
-    step = other.latest_step()
-    if step is None:
-        raise CheckpointError(f"config.init_from={source} has no committed checkpoint")
-    problem = _shape_mismatch(other.mngr.item_metadata(step)["state"].tree["params"],
-                              abstract_state.params)
+                              "point it at a run's or a converted workdir")
+    params = convert.load_params(source)  # host numpy
+    problem = _shape_mismatch(params, abstract_state.params)
     if problem:
-        raise CheckpointError(f"config.init_from={source} (step {step}) is from a different "
-                              f"model: {problem}")
-    # Same parameter shapes means the same optimizer-state shapes: restore all, keep params.
-    params = other.restore(step, abstract_state).params
-    other.mngr.close()
-    logging.info("initialised params from %s step %d", source, step)
-    return params
+        raise CheckpointError(f"config.init_from={source} is from a different model: {problem}")
+    logging.info("initialised params from %s", source)
+    return jax.tree.map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding), params,
+                        abstract_state.params)
 
 
 def config_json(config) -> str:

@@ -302,52 +302,24 @@ def load_meta(src):
 
 # --------------------------------------------------------------------------------- workdirs
 
-def save_workdir(cfg: ModelConfig, params, workdir, tokenizer_path=None, config=None):
-    """model.json [+ tokenizer.model] + checkpoints/0 under workdir.
+def save_workdir(cfg: ModelConfig, params, workdir, tokenizer_path=None):
+    """model.json [+ tokenizer.model] + checkpoints/0 (the Orbax item "params") under workdir.
 
-    Without a training config the checkpoint holds the Orbax item "params" only. With one
-    (a configs/*.py ConfigDict whose model section matches the weights) it holds a step-0
-    TrainState with a fresh optimizer state, laid out as that config trains, so
-    `python -m llama_jax.train --config=... --workdir=...` continues from these weights.
+    Generate and evaluate read it directly; a training run starts from it with
+    `--config.init_from=WORKDIR` (params only; fresh optimizer and step).
     """
-    from llama_jax import checkpoint
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if tokenizer_path is not None:
         from llama_jax.data.tokenizer import load_tokenizer
         load_tokenizer(tokenizer_path, cfg.vocab_size)  # a vocabulary mismatch stops here
         shutil.copyfile(tokenizer_path, workdir / "tokenizer.model")
-    mngr = checkpoint.manager(workdir)
-    if config is None:
-        mngr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
-    else:
-        cfg, state = _train_state(config, cfg, params)
-        checkpoint.save(mngr, 0, state)
+    mngr = ocp.CheckpointManager((workdir / "checkpoints").absolute(),
+                                 item_handlers={"params": ocp.StandardCheckpointHandler()})
+    mngr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
     (workdir / "model.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     mngr.wait_until_finished()
     mngr.close()
-
-
-def _train_state(config, cfg, params):
-    """(the config's ModelConfig, a step-0 TrainState) for converted weights."""
-    import jax.numpy as jnp
-    from llama_jax import optim
-    from llama_jax.config import model_config
-    from llama_jax.train_step import TrainState
-    target = model_config(config)
-    math_fields = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
-                   "norm_eps", "rope_theta")
-    differ = {f: getattr(cfg, f) for f in math_fields if getattr(cfg, f) != getattr(target, f)}
-    if differ:
-        raise ValueError(f"the config's model section differs from the weights in {differ}: "
-                         "set those config.model values to match")
-    dtype = DTYPES[target.param_dtype]
-    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), _assemble(
-        target, params["tok_embeddings"], params["norm"]["scale"], params["output"],
-        _layers(params, cfg)))
-    tx, _ = optim.make_optimizer(config.train)
-    return target, TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                              opt_state=tx.init(params))
 
 
 def load_config_json(workdir) -> ModelConfig:
@@ -361,8 +333,8 @@ def load_config_json(workdir) -> ModelConfig:
 def load_params(workdir, step=None):
     """Parameters of a workdir's latest (or given) checkpoint: a converted one (item "params")
     or a training one (item "state", of which only params are read), as host numpy arrays."""
-    from llama_jax import checkpoint
-    mngr = checkpoint.manager(workdir)
+    mngr = ocp.CheckpointManager((pathlib.Path(workdir) / "checkpoints").absolute(),
+                                 options=ocp.CheckpointManagerOptions(read_only=True))
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint under {pathlib.Path(workdir) / 'checkpoints'}: "
@@ -395,9 +367,8 @@ def define_flags():
     flags.DEFINE_string("src", None, "Source directory (HF or Meta model, or a workdir).")
     flags.DEFINE_string("dst", None, "Destination directory (a workdir, or an HF model).")
     from ml_collections import config_flags
-    config_flags.DEFINE_config_file("config", None, "With --from: write a TrainState that this "
-                                    "configs/*.py trains on; with --to: the config a training "
-                                    "workdir was trained with (a converted one has model.json).")
+    config_flags.DEFINE_config_file("config", None, "With --to: the config a training workdir "
+                                    "was trained with (a converted one has model.json).")
 
 
 def main(argv):
@@ -422,7 +393,7 @@ def main(argv):
     else:
         cfg, params = load_hf(src) if source == "hf" else load_meta(src)
         tok = src / "tokenizer.model"
-        save_workdir(cfg, params, fl.dst, tok if tok.exists() else None, fl.config)
+        save_workdir(cfg, params, fl.dst, tok if tok.exists() else None)
     print(f"wrote {fl.dst}")
 
 

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -187,9 +188,9 @@ def test_params_of_a_training_checkpoint_are_read(tmp_path):
     tx, _ = optim.make_optimizer(base_config().train)
     params = jax.tree.map(jnp.asarray, params)
     state = TrainState(step=jnp.array(7), params=params, opt_state=tx.init(params))
-    mngr = checkpoint.manager(tmp_path / "run")
-    checkpoint.save(mngr, 7, state)
-    mngr.wait_until_finished()
+    ckpt = checkpoint.Checkpointer(tmp_path / "run")
+    ckpt.save(7, state, {"config": "{}", "process_count": 1, "tokenizer": "none"})
+    ckpt.close()
     restored = convert.load_params(tmp_path / "run")
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(restored),
                                                     jax.tree.leaves(params)))
@@ -253,7 +254,7 @@ def test_bfloat16_checkpoints_stay_bfloat16_bit_exactly(tmp_path):
         assert np.array_equal(written[key].view(np.int16), tensor.view(torch.int16).numpy()), key
 
 
-def test_with_a_training_config_the_workdir_resumes_as_a_train_state(tmp_path):
+def test_a_converted_workdir_starts_a_training_run_via_init_from(tmp_path):
     from helpers import micro_config
     from llama_jax import checkpoint, optim, sharding, train_step
     from llama_jax.config import validate
@@ -265,17 +266,18 @@ def test_with_a_training_config_the_workdir_resumes_as_a_train_state(tmp_path):
         tie_word_embeddings=False)).eval()
     model.save_pretrained(tmp_path / "hf")
     cfg, params = convert.load_hf(tmp_path / "hf")
-    convert.save_workdir(cfg, params, tmp_path / "wd", config=config)
-    # what train.py does when a workdir has a checkpoint
-    mesh = sharding.make_mesh(config.mesh)
+    convert.save_workdir(cfg, params, tmp_path / "wd")
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     tx, _ = optim.make_optimizer(config.train)
     abstract, _ = train_step.state_shardings(Llama(validate(config, mesh.devices.shape)), tx,
-                                             mesh, config.sharding_rules, config.data.seq_len)
-    state = checkpoint.restore(checkpoint.manager(tmp_path / "wd"), abstract)
-    assert int(state.step) == 0
+                                             mesh, "fsdp_tp", config.data.seq_len)
+    restored = checkpoint.restore_params(tmp_path / "wd", abstract)
+    assert restored["output"].sharding.spec == abstract.params["output"].sharding.spec
     tokens = tokens_for(model)
-    np.testing.assert_allclose(our_logits(cfg, state.params, tokens), hf_logits(model, tokens),
-                               atol=1e-5, rtol=0)
-    wrong = micro_config(dim=128)
-    with pytest.raises(ValueError, match="'dim': 64"):
-        convert.save_workdir(cfg, params, tmp_path / "wd2", config=wrong)
+    np.testing.assert_allclose(our_logits(cfg, jax.device_get(restored), tokens),
+                               hf_logits(model, tokens), atol=1e-5, rtol=0)
+    wrong = micro_config(ffn_dim=192)
+    abstract, _ = train_step.state_shardings(Llama(validate(wrong, mesh.devices.shape)), tx,
+                                             mesh, "fsdp", config.data.seq_len)
+    with pytest.raises(checkpoint.CheckpointError, match=r"\['w1'\] has shape \(2, 64, 128\)"):
+        checkpoint.restore_params(tmp_path / "wd", abstract)
