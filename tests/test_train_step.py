@@ -51,7 +51,7 @@ def test_step_reports_metrics_and_learns_a_repeated_batch():
     config = micro_config()
     config.train.steps = 30
     _, history, _ = run_steps(config, {"fsdp": -1}, "fsdp", batches(config, 25, same=True))
-    assert set(history[0]) == {"loss", "tokens", "grad_norm", "param_norm", "update_norm",
+    assert set(history[0]) == {"loss", "tokens", "grad_norm", "param_norm", "update_norm", "finite",
                                "learning_rate"}
     assert float(history[0]["learning_rate"]) == 0.0  # warmup starts at zero
     assert float(history[-1]["loss"]) < 0.5 * float(history[0]["loss"])

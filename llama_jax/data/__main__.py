@@ -13,9 +13,13 @@ from ml_collections import config_flags
 
 from llama_jax.data import pipeline, tokenizer
 
-config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.")
-flags.DEFINE_string("workdir", None, "Run directory holding (or receiving) tokenizer.model.")
-flags.DEFINE_integer("batches", 50, "Batches to measure, after a warm-up of 5.")
+
+
+def define_flags():
+    """Only when run as a program: tests import measure() beside other entry points' flags."""
+    config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.")
+    flags.DEFINE_string("workdir", None, "Run directory holding (or receiving) tokenizer.model.")
+    flags.DEFINE_integer("batches", 50, "Batches to measure, after a warm-up of 5.")
 
 
 def measure(dataset, names, batches, warmup=5):
@@ -55,4 +59,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
