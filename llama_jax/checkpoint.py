@@ -26,14 +26,6 @@ def fingerprint(path) -> str:
     return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:16]
 
 
-def manager(directory, keep=3, keep_period=None) -> ocp.CheckpointManager:
-    directory = pathlib.Path(directory).absolute()
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, keep_period=keep_period, create=True, cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(directory, options=options, item_handlers={
-        "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
-
-
 def _shape_mismatch(saved_tree, abstract_params):
     """The first parameter whose saved shape differs from the model's, as a message or None."""
     saved = dict(jax.tree_util.tree_leaves_with_path(saved_tree))
@@ -53,7 +45,11 @@ class Checkpointer:
 
     def __init__(self, workdir, keep=3, keep_period=None):
         self.workdir = pathlib.Path(workdir).absolute()
-        self.mngr = manager(self.workdir / "checkpoints", keep, keep_period)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, keep_period=keep_period, create=True, cleanup_tmp_directories=True)
+        self.mngr = ocp.CheckpointManager(self.workdir / "checkpoints", options=options,
+                                          item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                         "meta": ocp.JsonCheckpointHandler()})
         self.data_dir = self.workdir / "data_state"
 
     def latest_step(self):

@@ -79,8 +79,6 @@ def train(config, workdir):
     """Runs training; returns a summary dict (final train loss, first and last eval loss, ...)."""
     start = time.time()
     workdir = pathlib.Path(workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise NotADirectoryError(f"--workdir={workdir} is a file: pass a directory path")
 
     # Phase 1: mesh and validated settings.
     mesh = sharding.make_mesh(config.mesh)
