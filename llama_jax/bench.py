@@ -21,17 +21,21 @@ from llama_jax.model import Llama
 
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up step).")
+flags.DEFINE_bool("segment_ids", True, "Pass segment ids, as packed training data does (the "
+                  "attention keeps documents apart); false: plain causal attention per row.")
 
-def synthetic_batch(mesh, batch_size, seq_len, vocab_size):
+def synthetic_batch(mesh, batch_size, seq_len, vocab_size, segment_ids=True):
     tokens = jax.random.randint(jax.random.key(0), (batch_size, seq_len + 1), 0, vocab_size)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
              "positions": jnp.broadcast_to(jnp.arange(seq_len), (batch_size, seq_len)),
              "segment_ids": jnp.ones((batch_size, seq_len), jnp.int32),
              "loss_mask": jnp.ones((batch_size, seq_len), jnp.float32)}
-    return jax.device_put(batch, train_step.batch_shardings(mesh))
+    if not segment_ids:
+        del batch["segment_ids"]
+    return jax.device_put(batch, sharding.batch_sharding(mesh))
 
 
-def bench(config, steps):
+def bench(config, steps, segment_ids=True):
     mesh = sharding.make_mesh(config.mesh)
     cfg = validate(config, mesh.devices.shape)
     seq_len, batch_size = config.data.seq_len, config.data.global_batch_size
@@ -39,7 +43,7 @@ def bench(config, steps):
     tx, schedule = optim.make_optimizer(config.train)
     _, shardings = train_step.state_shardings(model, tx, mesh, config.sharding_rules, seq_len)
     state = train_step.init_state(jax.random.key(0), model, tx, shardings, seq_len)
-    batch = synthetic_batch(mesh, batch_size, seq_len, cfg.vocab_size)
+    batch = synthetic_batch(mesh, batch_size, seq_len, cfg.vocab_size, segment_ids)
     step_fn = train_step.jit_train_step(model, tx, schedule, mesh, shardings,
                                         config.train.loss_chunk_size)
 
@@ -64,8 +68,9 @@ def bench(config, steps):
     return {
         "config": {"dim": cfg.dim, "n_layers": cfg.n_layers, "seq_len": seq_len,
                    "global_batch_size": batch_size, "dtype": cfg.dtype, "remat": cfg.remat,
-                   "scan_layers": cfg.scan_layers, "loss_chunk_size":
-                   config.train.loss_chunk_size, "mesh": dict(mesh.shape)},
+                   "scan_layers": cfg.scan_layers, "attention": cfg.attention_impl,
+                   "segment_ids": segment_ids, "loss_chunk_size": config.train.loss_chunk_size,
+                   "mesh": dict(mesh.shape)},
         "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",
         "tokens_per_sec": round(tokens_per_sec, 1),
         "step_time_s": round(step_time, 4),
@@ -89,7 +94,7 @@ def main(argv):
         raise app.UsageError("--config is required, e.g. --config=configs/cpu_bench.py")
     if flags.FLAGS.steps < 1:
         raise app.UsageError("--steps must be at least 1")
-    print(json.dumps(bench(flags.FLAGS.config, flags.FLAGS.steps)))
+    print(json.dumps(bench(flags.FLAGS.config, flags.FLAGS.steps, flags.FLAGS.segment_ids)))
 
 
 if __name__ == "__main__":

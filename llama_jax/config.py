@@ -13,7 +13,7 @@ def base_config(**model) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=None, ffn_dim=None,
         multiple_of=256, norm_eps=1e-6, rope_theta=10000.0, max_seq_len=2048, dtype="bfloat16",
-        param_dtype="float32", remat="dots_saveable", scan_layers=True))
+        param_dtype="float32", remat="dots_saveable", scan_layers=True, attention="auto"))
     c.model.update(model)
     # one -1 axis fills the remaining devices
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
@@ -95,6 +95,9 @@ def validate(config, mesh_sizes):
     if config.profile.steps and profile_range(config.profile.steps) is None:
         errors.append(f"profile.steps={config.profile.steps!r} is not START:END with "
                       "0 <= START < END, e.g. '10:15'")
+    if cfg.attention_impl == "splash" and data.seq_len % 128:
+        errors.append(f"data.seq_len={data.seq_len} is not a multiple of 128, which splash "
+                      "attention's blocks need: pick such a seq_len or model.attention='xla'")
     if train.loss_chunk_size and data.seq_len % train.loss_chunk_size:
         errors.append(f"train.loss_chunk_size={train.loss_chunk_size} does not divide "
                       f"data.seq_len={data.seq_len}")

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation: every activation is kept
@@ -24,6 +25,9 @@ REMAT_POLICIES = {
     "minimal": jax.checkpoint_policies.save_only_these_names("attn_out", "mlp_out"),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# "auto" picks per backend: cudnn flash attention on GPU in 16-bit compute, splash (Pallas) on
+# TPU, the plain XLA reference everywhere else.
+ATTENTION = ("auto", "xla", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +46,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "dots_saveable"
     scan_layers: bool = True
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -65,10 +70,23 @@ class ModelConfig:
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat={self.remat!r} is unknown: use one of "
                              f"{sorted(REMAT_POLICIES)}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"model.attention={self.attention!r} is unknown: use one of "
+                             f"{list(ATTENTION)}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"model.{name}={getattr(self, name)!r} is unknown: use one of "
                                  f"{sorted(DTYPES)}")
+
+    @property
+    def attention_impl(self) -> str:
+        """The attention implementation this config runs with on the current backend."""
+        if self.attention != "auto":
+            return self.attention
+        backend = jax.default_backend()
+        if backend == "gpu" and self.dtype in ("bfloat16", "float16"):
+            return "cudnn"  # cuDNN's fused kernel takes 16-bit inputs only
+        return "splash" if backend == "tpu" else "xla"
 
     @property
     def head_dim(self) -> int:
@@ -128,13 +146,81 @@ def attention_mask(segment_ids):
     return (causal[None] & same)[:, None, None]
 
 
+def reference_attention(q, k, v, mask):
+    """Plain XLA attention: q [B, T, H, E], k/v [B, S, K, E], mask [B, 1, 1, T, S] -> [B, T, H, E].
+
+    Materialises the [B, H, T, S] scores; the other implementations are tested against it.
+    """
+    b, t, h, e = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, e)  # GQA: G query heads share one kv head
+    scores = jnp.einsum("bskge,btke->bkgst", q, k).astype(jnp.float32) * e ** -0.5
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [B, K, G, T, S]
+    return jnp.einsum("bkgst,btke->bskge", probs, v).reshape(b, t, h, e)
+
+
+def splash_attention(q, k, v, segment_ids):
+    """TPU splash attention (Pallas): causal, block-sparse, documents kept apart by segment ids.
+
+    The kernel sees one sequence with heads first, so it is vmapped over the batch; XLA cannot
+    partition a Pallas call, so under a mesh each device runs it on its own batch rows and
+    heads (shard_map). Off TPU the same kernel runs in the Pallas interpreter, which is how the
+    CPU tests check it against the reference.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash, splash_attention_mask as masks)
+    b, t, h, e = q.shape
+    block = min(512, t)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                              block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                              block_q_dq=block, block_kv_dq=block)
+
+    def run(q, k, v, segment_ids):
+        causal = masks.MultiHeadMask([masks.CausalMask((t, t)) for _ in range(q.shape[2])])
+        kernel = splash.make_splash_mha(causal, block_sizes=sizes, head_shards=1,
+                                        q_seq_shards=1,
+                                        interpret=jax.default_backend() != "tpu")
+        heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, T, N, E] -> [B, N, T, E]
+        out = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=s1))(
+            heads_first(q) * e ** -0.5, heads_first(k), heads_first(v),
+            splash.SegmentIds(q=segment_ids, kv=segment_ids))
+        return heads_first(out)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return run(q, k, v, segment_ids)
+    rows = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+    heads = "tensor" if "tensor" in mesh.axis_names else None
+    spec = P(rows, None, heads, None)
+    return jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, P(rows, None)),
+                         out_specs=spec, check_vma=False)(q, k, v, segment_ids)
+
+
+def causal_attention(q, k, v, segment_ids, impl):
+    """Causal self-attention over packed documents (segment_ids [B, T]; None: one document per
+    row) with the named implementation; every one matches reference_attention."""
+    if impl == "cudnn":
+        # causality comes from the kernel; the document mask (when packed) rides along as a bias
+        same = None if segment_ids is None else \
+            (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        return jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True,
+                                            implementation="cudnn")
+    if segment_ids is None:
+        segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+    if impl == "splash":
+        return splash_attention(q, k, v, segment_ids)
+    return reference_attention(q, k, v, attention_mask(segment_ids))
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, kv=None, index=None):
-        """With kv=(keys, values) [B, S, K, E], this step's keys and values are written at slots
-        [index, index + T) and the queries attend over all S slots; returns (out, new kv)."""
+    def __call__(self, x, positions, segment_ids, kv=None, index=None, mask=None):
+        """Causal self-attention over x's documents; with kv=(keys, values) [B, S, K, E] (a
+        cache), this step's keys and values are written at slots [index, index + T) and the
+        queries attend over all S slots under `mask`; then returns (out, new kv)."""
         cfg = self.cfg
         d, h, k, e = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         init = _dense_init(d)
@@ -148,16 +234,13 @@ class Attention(nn.Module):
         v = jnp.einsum("btd,dke->btke", x, wv.astype(dt))
         q = rope(q, positions, cfg.rope_theta)
         key = rope(key, positions, cfg.rope_theta)
-        if kv is not None:
+        if kv is None:
+            out = causal_attention(q, key, v, segment_ids, cfg.attention_impl)
+        else:  # decoding attends over cache slots: always the reference (it is one query row)
             start = (0, index, 0, 0)
             key = jax.lax.dynamic_update_slice(kv[0], key.astype(kv[0].dtype), start)
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
-        b, t = x.shape[:2]
-        q = q.reshape(b, t, k, h // k, e)  # GQA: G query heads share one kv head
-        scores = jnp.einsum("bskge,btke->bkgst", q, key).astype(jnp.float32) * e ** -0.5
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # [B, K, G, T, T or S]
-        out = jnp.einsum("bkgst,btke->bskge", probs, v).reshape(b, t, h, e)
+            out = reference_attention(q, key, v, mask)
         out = checkpoint_name(jnp.einsum("bthe,hed->btd", out, wo.astype(dt)), "attn_out")
         return out if kv is None else (out, (key, v))
 
@@ -183,9 +266,9 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, kv=None, index=None):
+    def __call__(self, x, positions, segment_ids, kv=None, index=None, mask=None):
         attn = Attention(self.cfg, name="attention")(
-            RMSNorm(self.cfg, name="attention_norm")(x), positions, mask, kv, index)
+            RMSNorm(self.cfg, name="attention_norm")(x), positions, segment_ids, kv, index, mask)
         attn, kv = attn if kv is not None else (attn, None)
         x = x + attn
         x = x + MLP(self.cfg, name="feed_forward")(RMSNorm(self.cfg, name="ffn_norm")(x))
@@ -229,13 +312,13 @@ class Llama(nn.Module):
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        if segment_ids is None:
-            segment_ids = jnp.ones((b, t), jnp.int32)
         if cache is None:
-            mask, extra = attention_mask(segment_ids), ()
+            extra = ()
         else:
+            if segment_ids is None:
+                segment_ids = jnp.ones((b, t), jnp.int32)
             mask, slots = cache_mask(cache, segment_ids)
-            extra = ((cache["k"], cache["v"]), cache["index"])
+            extra = ((cache["k"], cache["v"]), cache["index"], mask)
         embed = _param(self, "tok_embeddings", nn.initializers.normal(0.02),
                        (cfg.vocab_size, cfg.dim), ("vocab", "embed"), cfg)
         x = jnp.take(embed, tokens, axis=0).astype(DTYPES[cfg.dtype])  # [B, T, D]
@@ -246,16 +329,17 @@ class Llama(nn.Module):
         if cfg.scan_layers:
             # One compiled layer body looped L times: compile time does not grow with depth.
             # The cache's [L, ...] keys and values are scanned over with the layers.
-            in_axes = (nn.broadcast, nn.broadcast) + ((0, nn.broadcast) if extra else ())
+            in_axes = (nn.broadcast,) * 2 + ((0, nn.broadcast, nn.broadcast) if extra else ())
             layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                              in_axes=in_axes, length=cfg.n_layers,
                              metadata_params={nn.PARTITION_NAME: "layers"})
-            x, kv = layers(cfg, name="layers")(x, positions, mask, *extra)
+            x, kv = layers(cfg, name="layers")(x, positions, segment_ids, *extra)
         else:
             kvs = []
             for i in range(cfg.n_layers):
-                layer_extra = (jax.tree.map(lambda c: c[i], extra[0]), extra[1]) if extra else ()
-                x, layer_kv = block(cfg, name=f"layers_{i}")(x, positions, mask, *layer_extra)
+                layer_extra = (jax.tree.map(lambda c: c[i], extra[0]),) + extra[1:] if extra else ()
+                x, layer_kv = block(cfg, name=f"layers_{i}")(x, positions, segment_ids,
+                                                             *layer_extra)
                 kvs.append(layer_kv)
             kv = jax.tree.map(lambda *a: jnp.stack(a), *kvs) if extra else None
 

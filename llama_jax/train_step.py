@@ -53,7 +53,7 @@ def cross_entropy(hidden, w_out, targets, loss_mask, chunk_size=0):
 def loss_fn(params, batch, model, chunk_size):
     """(mean loss, token count) of a batch."""
     hidden = model.apply({"params": params}, batch["inputs"], batch["positions"],
-                         batch["segment_ids"], return_hidden=True)
+                         batch.get("segment_ids"), return_hidden=True)
     total, count = cross_entropy(hidden, params["output"], batch["targets"], batch["loss_mask"],
                                  chunk_size)
     return total / jnp.maximum(count, 1.0), count
@@ -81,7 +81,7 @@ def train_step(state, batch, *, model, tx, schedule, chunk_size):
 def eval_step(params, batch, *, model, chunk_size):
     """Summed loss and token count, so batches average exactly."""
     hidden = model.apply({"params": params}, batch["inputs"], batch["positions"],
-                         batch["segment_ids"], return_hidden=True)
+                         batch.get("segment_ids"), return_hidden=True)
     total, count = cross_entropy(hidden, params["output"], batch["targets"], batch["loss_mask"],
                                  chunk_size)
     return {"loss_sum": total, "tokens": count}
@@ -110,19 +110,26 @@ def init_state(rng, model, tx, shardings, seq_len):
     return init(rng)
 
 
-def batch_shardings(mesh):
-    keys = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
-    return {k: sharding.batch_sharding(mesh) for k in keys}
+def _traced_under(mesh, fn):
+    """fn traced with the mesh as context, so model code that must place work per device
+    (splash attention's shard_map) can see it."""
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+    return traced
 
 
 def jit_train_step(model, tx, schedule, mesh, shardings, chunk_size=0):
     step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                              chunk_size=chunk_size)
-    return jax.jit(step, in_shardings=(shardings, batch_shardings(mesh)),
+    # one sharding for the whole batch dict: every entry is [B, T] split the same way
+    return jax.jit(_traced_under(mesh, step),
+                   in_shardings=(shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
 def jit_eval_step(model, mesh, shardings, chunk_size=0):
     step = functools.partial(eval_step, model=model, chunk_size=chunk_size)
-    return jax.jit(step, in_shardings=(shardings.params, batch_shardings(mesh)),
+    return jax.jit(_traced_under(mesh, step),
+                   in_shardings=(shardings.params, sharding.batch_sharding(mesh)),
                    out_shardings=sharding.replicated(mesh))
