@@ -20,7 +20,7 @@ from llama_jax.config import validate
 from llama_jax.model import Llama
 
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
-flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up step).")
+flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up step); 0: compile only.")
 flags.DEFINE_bool("segment_ids", True, "Pass segment ids, as packed training data does (the "
                   "attention keeps documents apart); false: plain causal attention per row.")
 
@@ -41,15 +41,31 @@ def bench(config, steps, segment_ids=True):
     seq_len, batch_size = config.data.seq_len, config.data.global_batch_size
     model = Llama(cfg)
     tx, schedule = optim.make_optimizer(config.train)
-    _, shardings = train_step.state_shardings(model, tx, mesh, config.sharding_rules, seq_len)
-    state = train_step.init_state(jax.random.key(0), model, tx, shardings, seq_len)
+    abstract, shardings = train_step.state_shardings(model, tx, mesh, config.sharding_rules,
+                                                     seq_len)
     batch = synthetic_batch(mesh, batch_size, seq_len, cfg.vocab_size, segment_ids)
     step_fn = train_step.jit_train_step(model, tx, schedule, mesh, shardings,
                                         config.train.loss_chunk_size)
 
     start = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
+    compiled = step_fn.lower(abstract, batch).compile()  # nothing allocated for the state yet
     compile_s = time.perf_counter() - start
+    # XLA's own plan: temp is the activations and workspace live at the peak, per device
+    plan = compiled.memory_analysis()
+    result = {
+        "config": {"dim": cfg.dim, "n_layers": cfg.n_layers, "seq_len": seq_len,
+                   "global_batch_size": batch_size, "dtype": cfg.dtype, "remat": cfg.remat,
+                   "scan_layers": cfg.scan_layers, "attention": cfg.attention_impl,
+                   "segment_ids": segment_ids, "loss_chunk_size": config.train.loss_chunk_size,
+                   "mesh": dict(mesh.shape)},
+        "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",
+        "compile_s": round(compile_s, 2),
+        "compiled_temp_mib": round(plan.temp_size_in_bytes / 2**20, 1),
+        "compiled_argument_mib": round(plan.argument_size_in_bytes / 2**20, 1),
+    }
+    if not steps:
+        return result
+    state = train_step.init_state(jax.random.key(0), model, tx, shardings, seq_len)
     state, metrics = compiled(state, batch)  # warm-up: first-run allocations are not timed
     jax.block_until_ready(metrics)
     times = []
@@ -65,17 +81,10 @@ def bench(config, steps, segment_ids=True):
     peak, peak_source = peak_flops(jax.devices()[0])
     achieved = tokens_per_sec * flops_per_token
     memory = jax.devices()[0].memory_stats() or {}
-    return {
-        "config": {"dim": cfg.dim, "n_layers": cfg.n_layers, "seq_len": seq_len,
-                   "global_batch_size": batch_size, "dtype": cfg.dtype, "remat": cfg.remat,
-                   "scan_layers": cfg.scan_layers, "attention": cfg.attention_impl,
-                   "segment_ids": segment_ids, "loss_chunk_size": config.train.loss_chunk_size,
-                   "mesh": dict(mesh.shape)},
-        "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",
+    result.update({
         "tokens_per_sec": round(tokens_per_sec, 1),
         "step_time_s": round(step_time, 4),
         "step_time_min_max_s": [round(min(times), 4), round(max(times), 4)],
-        "compile_s": round(compile_s, 2),
         "flops_per_token": flops_per_token,
         "achieved_gflops_per_sec": round(achieved / 1e9, 1),
         "peak_gflops_per_sec": round(peak * mesh.size / 1e9, 1),
@@ -84,7 +93,8 @@ def bench(config, steps, segment_ids=True):
         "final_loss": round(float(metrics["loss"]), 4),
         "peak_host_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "device_peak_bytes_in_use": memory.get("peak_bytes_in_use"),
-    }
+    })
+    return result
 
 
 def main(argv):
@@ -92,8 +102,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if flags.FLAGS.config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/cpu_bench.py")
-    if flags.FLAGS.steps < 1:
-        raise app.UsageError("--steps must be at least 1")
+    if flags.FLAGS.steps < 0:
+        raise app.UsageError("--steps must be 0 (compile only) or more")
     print(json.dumps(bench(flags.FLAGS.config, flags.FLAGS.steps, flags.FLAGS.segment_ids)))
 
 
