@@ -45,8 +45,13 @@ def _target_logprobs(params, inputs, targets, *, cfg):
 @register_model("llama_jax")
 class LlamaJaxLM(LM):
     def __init__(self, workdir=None, hf=None, config=None, batch_size=8, max_length=None,
-                 device=None, max_batch_size=None):
+                 device=None, max_batch_size=None, **unknown):
         del device, max_batch_size  # lm-eval passes them; placement follows gen.place instead
+        if unknown:  # a misspelt --model_args key would otherwise be a TypeError traceback
+            raise ValueError(f"--model_args {sorted(unknown)} unknown: llama_jax takes workdir, "
+                             "hf, config, batch_size and max_length")
+        if (workdir is None) == (hf is None):
+            raise ValueError("--model_args needs exactly one of workdir=DIR or hf=HF_DIR")
         if LM is not object:
             super().__init__()
         from llama_jax.data.tokenizer import load_tokenizer

@@ -131,14 +131,18 @@ def two_source_data(tmp_path):
 
 
 def test_each_source_is_scored_on_its_own_documents_and_all_is_their_token_mean(
-        tokenizer_path, tmp_path):
+        tokenizer_path, tmp_path, capsys):
     sp = tokenizer_lib.load_tokenizer(tokenizer_path, 400)
     params = params_for(CFG, seed=2)
     data = two_source_data(tmp_path)
+    # a source with no validation split is named and left out, not silently dropped
+    data.sources = list(data.sources) + [
+        dict(name="train_only", files=str(tmp_path / "notes_train.jsonl"), format="jsonl")]
     code, notes, overall = evaluate.evaluate_sources(
         CFG, params, sp, evaluate.selected_sources(data), data.validation_fraction, seq_len=128,
         batch_size=4)
     assert [r["source"] for r in (code, notes, overall)] == ["code", "notes", "all"]
+    assert "source 'train_only' has no validation split" in capsys.readouterr().err
     # code: exactly the built-in corpus's validation files, each token once
     code_texts = [t for t in map(corpus.read_text, corpus.stdlib_files("validation", 0.005))
                   if t.strip()]
