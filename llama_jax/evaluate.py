@@ -1,8 +1,8 @@
-"""Validation loss, perplexity and bits per byte of a workdir's latest checkpoint on the built-in
-corpus's validation split.
+"""Validation loss, perplexity and bits per byte of a workdir's latest checkpoint, per configured
+data source (config.data.sources, each read through llama_jax.data.sources) and over all of them.
 
   python -m llama_jax.evaluate --workdir=runs/tiny --config=configs/tiny.py
-  python -m llama_jax.evaluate --workdir=runs/converted   # a converted workdir has model.json
+  python -m llama_jax.evaluate --workdir=runs/converted   # model.json; the built-in code corpus
 
 Every token of every validation document is predicted exactly once: documents are packed into
 rows that overlap by one token, each row's pieces attend only within their own document.
@@ -11,13 +11,13 @@ rows that overlap by one token, each row's pieces attend only within their own d
 import functools
 import json
 import math
+import sys
 
 import jax
 import numpy as np
 from absl import app, flags
 
 from llama_jax import train_step
-from llama_jax.data import corpus
 from llama_jax.data.tokenizer import BOS_ID, EOS_ID
 from llama_jax.model import Llama
 
@@ -91,37 +91,101 @@ def _bytes_of_prefix(docs, texts, targets):
     return total
 
 
+def validation_texts(entry, validation_fraction):
+    """A source's validation documents as str, in a fixed order, or None when it has none.
+    They come from the same reader training uses (llama_jax.data.sources), so a source
+    evaluates exactly the documents its training run held out."""
+    from llama_jax.data import sources
+    docs = sources.documents(entry, "validation", train=False, seed=0,
+                             validation_fraction=validation_fraction, process_index=0,
+                             process_count=1)
+    if docs is None:
+        return None
+    # invalid UTF-8 is replaced, as the built-in corpus reader does
+    return [d.decode("utf-8", errors="replace") for d in docs.as_numpy_iterator()]
+
+
+def selected_sources(data_config, names=()):
+    """The data.sources entries to evaluate (`names` picks some), checked before any weights
+    are read, so a typo costs no model load."""
+    from llama_jax.data import sources
+    entries = [dict(e) for e in data_config.sources]
+    for entry in entries:
+        sources.check_entry(entry)
+    unknown = sorted(set(names) - {e["name"] for e in entries})
+    if unknown:
+        raise ValueError(f"--sources names {unknown}, which data.sources does not have (it has "
+                         f"{[e['name'] for e in entries]}): fix the names or the config")
+    return [e for e in entries if not names or e["name"] in names]
+
+
+def evaluate_sources(cfg, params, tokenizer, entries, validation_fraction, seq_len, batch_size,
+                     max_batches=0):
+    """One result per source entry that has a validation split, in order, then "all": every
+    scored token of those sources once, so its loss is their token-weighted mean (not the
+    mixture-weighted one)."""
+    results = []
+    for entry in entries:
+        texts = validation_texts(entry, validation_fraction)
+        if texts is None:
+            print(f"source {entry['name']!r} has no validation split (set eval_files= or "
+                  "eval_split=): not evaluated", file=sys.stderr)
+            continue
+        if not any(t.strip() for t in texts):
+            raise ValueError(f"source {entry['name']!r} has only blank validation documents")
+        result = evaluate_texts(cfg, params, tokenizer, texts, seq_len, batch_size, max_batches)
+        results.append({"source": entry["name"], **result})
+    if not results:
+        raise ValueError("no source has a validation split: set eval_files=/eval_split= on a "
+                         "source")
+    nll = sum(r["loss"] * r["tokens"] for r in results)
+    tokens = sum(r["tokens"] for r in results)
+    n_bytes = sum(r["bytes"] for r in results)
+    results.append({"source": "all", "loss": nll / tokens, "perplexity": math.exp(nll / tokens),
+                    "bits_per_byte": nll / (math.log(2) * n_bytes), "tokens": tokens,
+                    "bytes": n_bytes})
+    return results
+
+
 def define_flags():
     """Defined only when run as a program, so tests can import every entry point at once."""
     from ml_collections import config_flags
     config_flags.DEFINE_config_file("config", None, "configs/*.py of a training workdir (its "
                                     "model and data sections); optional with model.json.")
     flags.DEFINE_string("workdir", None, "Workdir: latest checkpoint and tokenizer.model.")
+    flags.DEFINE_list("sources", [], "Evaluate only these data.sources names (default: all).")
     flags.DEFINE_integer("seq_len", 0, "Tokens per row; default data.seq_len of --config, "
                          "else min(model.max_seq_len, 2048).")
     flags.DEFINE_integer("batch_size", 8, "Rows per evaluation step.")
-    flags.DEFINE_integer("max_batches", 0, "Stop after this many batches (0: the whole split).")
+    flags.DEFINE_integer("max_batches", 0, "Per source, stop after this many batches (0: the "
+                         "whole split).")
 
 
 def main(argv):
+    from llama_jax.config import base_config
     from llama_jax.data.tokenizer import load_tokenizer
     from llama_jax.generate import load_model, place
     fl = flags.FLAGS
     if len(argv) > 1 or not fl.workdir:
         raise app.UsageError("give --workdir=DIR and no positional arguments")
-    cfg, params, tok_path = load_model(fl.workdir, config=fl.config)
-    if not tok_path.exists():
-        raise FileNotFoundError(f"{tok_path} is missing: the workdir needs the tokenizer its "
-                                "model was trained with")
-    tokenizer = load_tokenizer(tok_path, cfg.vocab_size)
-    data = fl.config.data if fl.config else None
-    seq_len = fl.seq_len or (data.seq_len if data else min(cfg.max_seq_len, 2048))
-    fraction = data.validation_fraction if data else 0.02
-    texts = [corpus.read_text(p) for p in corpus.stdlib_files("validation", fraction)]
-    result = evaluate_texts(cfg, place(cfg, params), tokenizer, texts, seq_len,
-                            fl.batch_size, fl.max_batches)
-    result = {"source": "stdlib/validation", **result}
-    print(json.dumps(result))
+    try:
+        # without --config: the default data section, i.e. the built-in code corpus
+        data = fl.config.data if fl.config else base_config().data
+        entries = selected_sources(data, fl.sources)
+        cfg, params, tok_path = load_model(fl.workdir, config=fl.config)
+        if not tok_path.exists():
+            raise FileNotFoundError(f"{tok_path} is missing: the workdir needs the tokenizer "
+                                    "its model was trained with")
+        tokenizer = load_tokenizer(tok_path, cfg.vocab_size)
+        seq_len = fl.seq_len or (data.seq_len if fl.config else min(cfg.max_seq_len, 2048))
+        results = evaluate_sources(cfg, place(cfg, params), tokenizer, entries,
+                                   data.validation_fraction, seq_len, fl.batch_size,
+                                   fl.max_batches)
+    except (ValueError, KeyError, OSError) as e:
+        # a known failure is one line that says the fix, not a traceback wall
+        sys.exit(f"error: {e}")
+    for result in results:
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """lm-evaluation-harness model "llama_jax": loglikelihood, loglikelihood_rolling and
 generate_until over a workdir's latest checkpoint (or a Hugging Face directory).
 
-  python -m llama_jax.lm_eval_adapter --model llama_jax --model_args workdir=DIR --tasks hellaswag
+  llama_jax lm_eval --model llama_jax --model_args workdir=DIR --tasks hellaswag
 
-(running through this module registers the model, then hands over to lm-eval's own command line).
-lm-eval is an optional extra: without it the class still works on any objects with an `.args`
-tuple, which is how the tests check its scores against a direct computation.
+(`llama_jax lm_eval` imports this module, which registers the model, then runs lm-eval's own
+command line). lm-eval is an optional extra: without it the class still works on any objects
+with an `.args` tuple.
 """
 
 import functools
@@ -21,6 +21,9 @@ from llama_jax.data.tokenizer import BOS_ID
 from llama_jax.model import Llama
 
 try:
+    # lm-eval's get_model imports its built-in models only while the registry is empty: put
+    # them there first, or registering ours alone would hide `--model hf` and the rest
+    import lm_eval.models  # noqa: F401
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
 except ImportError:  # the optional extra is absent: same class, unregistered
@@ -42,7 +45,13 @@ def _target_logprobs(params, inputs, targets, *, cfg):
 @register_model("llama_jax")
 class LlamaJaxLM(LM):
     def __init__(self, workdir=None, hf=None, config=None, batch_size=8, max_length=None,
-                 **unused):  # lm-eval also passes device / max_batch_size, meaningless here
+                 device=None, max_batch_size=None, **unknown):
+        del device, max_batch_size  # lm-eval passes them; placement follows gen.place instead
+        if unknown:  # a misspelt --model_args key would otherwise be a TypeError traceback
+            raise ValueError(f"--model_args {sorted(unknown)} unknown: llama_jax takes workdir, "
+                             "hf, config, batch_size and max_length")
+        if (workdir is None) == (hf is None):
+            raise ValueError("--model_args needs exactly one of workdir=DIR or hf=HF_DIR")
         if LM is not object:
             super().__init__()
         from llama_jax.data.tokenizer import load_tokenizer
@@ -124,8 +133,3 @@ class LlamaJaxLM(LM):
                 text = text.split(stop)[0]
             out.append(text)
         return out
-
-
-if __name__ == "__main__":
-    from lm_eval.__main__ import cli_evaluate
-    cli_evaluate()
