@@ -98,8 +98,11 @@ class ModelConfig:
         return 2 * self.vocab_size * d + self.n_layers * per_layer + d
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token: 6N for the weights plus causal attention scores (6*L*T*D)."""
-        return 6 * self.num_params() + 6 * self.n_layers * seq_len * self.dim
+        """Training FLOPs per token: 6 per weight that multiplies (every parameter but the input
+        embedding table, which is a lookup) plus causal attention scores (6*L*T*D). MFU and
+        the scaling study use this count."""
+        return 6 * (self.num_params() - self.vocab_size * self.dim) + \
+            6 * self.n_layers * seq_len * self.dim
 
 
 def _param(module, name, init, shape, axes, cfg):
