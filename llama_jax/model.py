@@ -30,6 +30,15 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 ATTENTION = ("auto", "xla", "cudnn", "splash")
 
 
+def target_platform():
+    """The platform being compiled for: the mesh's when tracing under one (train_step traces
+    under its mesh; an ahead-of-time compile for a TPU topology runs on a CPU host), else the
+    default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
@@ -80,13 +89,13 @@ class ModelConfig:
 
     @property
     def attention_impl(self) -> str:
-        """The attention implementation this config runs with on the current backend."""
+        """The attention implementation this config runs with on the target platform."""
         if self.attention != "auto":
             return self.attention
-        backend = jax.default_backend()
-        if backend == "gpu" and self.dtype in ("bfloat16", "float16"):
+        platform = target_platform()
+        if platform == "gpu" and self.dtype in ("bfloat16", "float16"):
             return "cudnn"  # cuDNN's fused kernel takes 16-bit inputs only
-        return "splash" if backend == "tpu" else "xla"
+        return "splash" if platform == "tpu" else "xla"
 
     @property
     def head_dim(self) -> int:
@@ -183,7 +192,7 @@ def splash_attention(q, k, v, segment_ids):
         causal = masks.MultiHeadMask([masks.CausalMask((t, t)) for _ in range(q.shape[2])])
         kernel = splash.make_splash_mha(causal, block_sizes=sizes, head_shards=1,
                                         q_seq_shards=1,
-                                        interpret=jax.default_backend() != "tpu")
+                                        interpret=target_platform() != "tpu")
         heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, T, N, E] -> [B, N, T, E]
         out = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=s1))(
             heads_first(q) * e ** -0.5, heads_first(k), heads_first(v),
