@@ -121,3 +121,22 @@ def test_gqa_shares_kv_heads_and_bfloat16_compute_runs():
     assert params["layers"]["attention"]["wq"].dtype == jnp.float32  # params stay float32
     logits = Llama(cfg).apply({"params": params}, tokens)
     assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_blocked_attention_equals_the_reference_with_documents_and_gqa():
+    """The "xla" implementation skips the masked upper triangle block by block; it must be the
+    reference's function, values and gradients, also when T is not a multiple of the block."""
+    from llama_jax.model import attention_mask, blocked_attention, reference_attention
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (2, 200, 4, 16))
+    k, v = (jax.random.normal(key, (2, 200, 2, 16)) for key in keys[1:])
+    segment_ids = jnp.where(jnp.arange(200) < 70, 1, 2)[None].repeat(2, 0)
+
+    def grads(fn):
+        return jax.grad(lambda *x: jnp.sum(fn(*x) * jnp.arange(16)), argnums=(0, 1, 2))(q, k, v)
+
+    ref = lambda *x: reference_attention(*x, attention_mask(segment_ids))
+    blocked = lambda *x: blocked_attention(*x, segment_ids, block=64)
+    np.testing.assert_allclose(blocked(q, k, v), ref(q, k, v), atol=1e-5)
+    for got, want in zip(grads(blocked), grads(ref)):
+        np.testing.assert_allclose(got, want, atol=1e-4)
