@@ -61,8 +61,8 @@ def size_config(base, size, budget):
     config = base.copy_and_resolve_references()
     # ffn_dim None = Meta's 8/3 * dim rounding; multiple_of 32 keeps it close to 8/3 at these
     # widths (256 gives configs/tiny.py's 704)
-    config.model.update(dim=dim, n_layers=layers, n_heads=dim // head_dim, n_kv_heads=None, ffn_dim=None,
-                        multiple_of=32)
+    config.model.update(dim=dim, n_layers=layers, n_heads=dim // head_dim, n_kv_heads=None,
+                        ffn_dim=None, multiple_of=32)
     flops_per_token = model_config(config).flops_per_token(config.data.seq_len)
     tokens_per_step = config.data.global_batch_size * config.data.seq_len
     steps = round(budget / (flops_per_token * tokens_per_step))
@@ -117,7 +117,7 @@ def run_size(config, size, workdir, tokenizer_path):
         "flops_per_token": flops_per_token, "steps": tc.steps, "warmup_steps": tc.warmup_steps,
         "tokens": tokens, "tokens_per_param": tokens / cfg.num_params(),
         "flops": tokens * flops_per_token, "final_eval_loss": final[-1],
-        "wall_s": summary["wall_s"]}
+        "wall_s": summary["wall_s"]}  # of the session that finished it, if it was resumed
     done.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
