@@ -28,7 +28,7 @@ from llama_jax.train import train  # also defines the --config and --workdir fla
 
 DEFAULT_CONFIG = "configs/tiny.py"
 DEFAULT_SIZES = ["128x2", "192x3", "256x4", "384x6"]
-DEFAULT_BUDGET = 6e12  # FLOPs per size: the four default sizes in about 18 min on 2 busy cores
+DEFAULT_BUDGET = 6e12  # FLOPs per size: the default study took 25 min on 2 heavily shared cores
 WARMUP_FRACTION = 0.1  # configs/tiny.py warms up over 30 of its 300 steps
 EVALS = 4  # evaluations per run after the one at step 0: enough points for a curve
 
