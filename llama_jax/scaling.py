@@ -150,7 +150,8 @@ def markdown(study):
         f"Budget {study['budget']:.3g} FLOPs per size (6N + attention per token, "
         f"`ModelConfig.flops_per_token`); {study['global_batch_size']} x {study['seq_len']}-token "
         f"batches; peak lr {study['lr']:g}, warmup {WARMUP_FRACTION:.0%} of each run's steps, "
-        f"cosine to 10%. Study wall time {study['wall_s'] / 60:.1f} min.", "",
+        f"cosine to 10%. Wall time of this invocation (sizes finished by an earlier one are "
+        f"not retrained) {study['wall_s'] / 60:.1f} min.", "",
         "| size | params (non-embedding) | params (total) | tokens | tokens/param | steps "
         "| FLOPs | final eval loss | wall time |",
         "|---|---|---|---|---|---|---|---|---|"]
