@@ -6,7 +6,8 @@ import runpy
 import sys
 
 COMMANDS = {name: f"llama_jax.{name}" for name in (
-    "train", "bench", "tokenizer", "data", "convert", "generate", "evaluate")}
+    "train", "bench", "tokenizer", "data", "convert", "generate", "evaluate", "plot",
+    "scaling")}
 
 
 def lm_eval():

@@ -1,0 +1,110 @@
+"""Loss curves after a run: train and eval loss against tokens seen, one or several runs on one
+figure, read from each workdir's metrics.jsonl.
+
+  python -m llama_jax.plot --workdir=runs/a --workdir=runs/b --out=loss.png
+
+matplotlib is an optional extra: pip install 'llama_jax[plot]'.
+"""
+
+import pathlib
+import sys
+
+from absl import app, flags
+
+from llama_jax.metrics import read_metrics
+
+INSTALL_HINT = "pip install 'llama_jax[plot]'"
+
+
+def define_flags():
+    """Only when run as a program: llama_jax.scaling imports this module beside train's flags."""
+    flags.DEFINE_multi_string("workdir", None, "A training workdir (repeat for several runs).")
+    flags.DEFINE_string("out", "loss.png", "The PNG to write.")
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: files only, so no display is ever needed."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError(f"plotting needs matplotlib, which is not installed: {INSTALL_HINT}")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def curves(workdir):
+    """{"train": (tokens, losses), "eval": (tokens, losses)} from a workdir's metrics.jsonl."""
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"--workdir={workdir} has no metrics.jsonl: pass the workdir of "
+                                "a llama_jax.train run")
+    records = read_metrics(workdir)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    if not train:
+        raise ValueError(f"{path} has no train loss yet: plot again after the first "
+                         "train.log_every steps")
+    # eval records carry only the step; every train record knows the tokens of one step
+    tokens_per_step = train[0]["tokens_seen"] / train[0]["step"]
+    return {"train": ([r["tokens_seen"] for r in train], [r["loss"] for r in train]),
+            "eval": ([r["step"] * tokens_per_step for r in evals],
+                     [r["eval_loss"] for r in evals])}
+
+
+def labels(workdirs):
+    """Each run's directory name, or the path as given where two names collide."""
+    names = [pathlib.Path(w).name for w in workdirs]
+    return [name if names.count(name) == 1 else str(w) for name, w in zip(names, workdirs)]
+
+
+def draw_runs(ax, runs):
+    """Draws {label: curves} on ax: one colour per run, train thin, eval with markers."""
+    from matplotlib.ticker import EngFormatter
+    losses = []
+    for index, (label, run) in enumerate(runs.items()):
+        color = f"C{index % 10}"
+        ax.plot(*run["train"], color=color, linewidth=1, alpha=0.6, label=f"{label} train")
+        if run["eval"][0]:
+            ax.plot(*run["eval"], color=color, linewidth=2, marker="o", markersize=4,
+                    label=f"{label} eval")
+        losses += run["train"][1] + run["eval"][1]
+    # the first losses (about ln V) dwarf the later ones: a log axis keeps the late part
+    # readable; over a narrow range it would only waste the ticks
+    if max(losses) / min(losses) > 1.5:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter("{x:g}")
+        ax.yaxis.set_minor_formatter("{x:g}")
+    ax.xaxis.set_major_formatter(EngFormatter())  # 1.2M rather than an offset like 1e6
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("loss (nats per token)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def loss_figure(workdirs):
+    """The figure for `python -m llama_jax.plot`; returns the matplotlib Figure."""
+    runs = {label: curves(w) for label, w in zip(labels(workdirs), workdirs)}
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    draw_runs(ax, runs)
+    ax.set_title("loss vs tokens seen")
+    fig.tight_layout()
+    return fig
+
+
+def main(argv):
+    if len(argv) > 1 or not flags.FLAGS.workdir:
+        raise app.UsageError("usage: python -m llama_jax.plot --workdir=DIR [--workdir=DIR2 ...] "
+                             "--out=loss.png")
+    try:
+        fig = loss_figure(flags.FLAGS.workdir)
+        fig.savefig(flags.FLAGS.out)
+    except (ImportError, ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {flags.FLAGS.out}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
