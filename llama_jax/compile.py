@@ -83,30 +83,37 @@ def compile_plan(config, topology):
     # the same jitted function train.py runs, lowered on abstract arrays: nothing is allocated
     step_fn = train_step.jit_train_step(model, tx, schedule, mesh, shardings,
                                         config.train.loss_chunk_size)
+    # analytic count: XLA's cost_analysis counts a scanned layer body once, not n_layers times
+    flops_per_step = cfg.flops_per_token(seq_len) * batch_size * seq_len
+    roofline_s = flops_per_step / (len(devices) * chip["peak"])
+    plan = {
+        "topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
+        "mesh": dict(zip(sharding.MESH_AXES, shape)), "sharding_rules": config.sharding_rules,
+        "remat": cfg.remat, "loss_chunk_size": config.train.loss_chunk_size,
+        "params": cfg.num_params(), "global_batch_size": batch_size, "seq_len": seq_len,
+        "hbm_gib": chip["hbm"] / GIB, "flops_per_step": flops_per_step,
+        "roofline_step_s": float(f"{roofline_s:.4g}"),
+        "roofline_tokens_per_sec_per_chip": round(batch_size * seq_len / roofline_s / len(devices)),
+    }
     start = time.perf_counter()
-    compiled = step_fn.lower(abstract, abstract_batch(mesh, batch_size, seq_len)).compile()
+    try:
+        compiled = step_fn.lower(abstract, abstract_batch(mesh, batch_size, seq_len)).compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        # the TPU compiler itself refuses a program whose temporaries cannot fit in HBM
+        return {**plan, "fits": False, "compile_s": round(time.perf_counter() - start, 1),
+                "compiler_error": str(e).splitlines()[0][:300]}
     compile_s = time.perf_counter() - start
-
     memory = compiled.memory_analysis()
     sizes = {name: int(getattr(memory, f"{name}_size_in_bytes")) for name in (
         "argument", "output", "alias", "temp", "generated_code")}
     # the state is donated, so outputs that alias arguments take no extra memory
     total = (sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"]
              + sizes["generated_code"])
-    # analytic count: XLA's cost_analysis counts a scanned layer body once, not n_layers times
-    flops_per_step = cfg.flops_per_token(seq_len) * batch_size * seq_len
-    roofline_s = flops_per_step / (len(devices) * chip["peak"])
-    return {
-        "topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
-        "mesh": dict(zip(sharding.MESH_AXES, shape)), "sharding_rules": config.sharding_rules,
-        "remat": cfg.remat, "params": cfg.num_params(), "global_batch_size": batch_size,
-        "seq_len": seq_len, "bytes_per_device": sizes, "total_bytes_per_device": total,
-        "total_gib_per_device": round(total / GIB, 2), "hbm_gib": chip["hbm"] / GIB,
-        "fits": total <= chip["hbm"], "flops_per_step": flops_per_step,
-        "roofline_step_s": float(f"{roofline_s:.4g}"),
-        "roofline_tokens_per_sec_per_chip": round(batch_size * seq_len / roofline_s / len(devices)),
-        "compile_s": round(compile_s, 1),
-    }
+    return {**plan, "bytes_per_device": sizes, "total_bytes_per_device": total,
+            "total_gib_per_device": round(total / GIB, 2), "fits": total <= chip["hbm"],
+            "compile_s": round(compile_s, 1)}
 
 
 def main(argv):

@@ -9,7 +9,6 @@ import json
 import pathlib
 import shutil
 import signal
-import sys
 import time
 import traceback
 

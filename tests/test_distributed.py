@@ -7,7 +7,6 @@ Three launches share one story, so each assertion reads runs that already happen
      SIGTERM to process 1 only.
 """
 
-import json
 import os
 import re
 import shutil
