@@ -5,7 +5,7 @@ import runpy
 import sys
 
 COMMANDS = {name: f"llama_jax.{name}" for name in (
-    "train", "bench", "tokenizer", "data", "convert", "generate", "evaluate")}
+    "train", "bench", "tokenizer", "data", "convert", "generate", "evaluate", "compile")}
 
 
 def main():

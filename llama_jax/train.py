@@ -97,6 +97,7 @@ def train(config, workdir):
     mesh = sharding.make_mesh(config.mesh)
     cfg = validate(config, mesh.devices.shape)
     data, tc = config.data, config.train
+    data_shards = pipeline.process_shards(data, jax.process_index(), jax.process_count())[1]
     logging.info("mesh %s over %d devices; model %s, %.1fM parameters", dict(mesh.shape),
                  mesh.size, cfg, cfg.num_params() / 1e6)
 
@@ -112,7 +113,6 @@ def train(config, workdir):
     # an iterator (not the dataset) so its position can be saved and restored with checkpoints
     train_ds = pipeline.ShardedIterator(pipeline.process_datasets("train", data, tokenizer))
     eval_ds = pipeline.concat_shards(pipeline.process_datasets("validation", data, tokenizer))
-    data_shards = pipeline.process_shards(data, jax.process_index(), jax.process_count())[1]
 
     # Phase 4: restore the latest checkpoint, or init (from scratch or another run's params).
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep,

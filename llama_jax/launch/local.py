@@ -7,7 +7,7 @@ Each child gets XLA_FLAGS (M host devices), JAX_PLATFORMS=cpu, gloo cross-proces
 (JAX_CPU_COLLECTIVES_IMPLEMENTATION) and LLAMA_JAX_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID,
 which llama_jax.distributed.initialize reads. Output lines are prefixed with "[i] ". When one
 child fails the others get SIGTERM, then SIGKILL after --grace_s; SIGTERM or SIGINT sent to the
-launcher is passed on to every child. The exit status is the first failing child's.
+launcher is passed on to every child. The exit status is that of a failing child (0 if none).
 """
 
 import argparse
@@ -74,10 +74,15 @@ def launch(command, num_processes, devices_per_process, grace_s):
     signal.signal(signal.SIGINT, forward)
     for index in range(num_processes):
         # own session: a terminal's Ctrl-C reaches the launcher, which passes it on once
-        child = subprocess.Popen(command, env=child_env(index, num_processes, devices_per_process,
-                                                        coordinator),
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 errors="replace", start_new_session=True)
+        try:
+            child = subprocess.Popen(command, env=child_env(index, num_processes,
+                                                            devices_per_process, coordinator),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     errors="replace", start_new_session=True)
+        except OSError as e:
+            stop(children, grace_s)
+            sys.exit(f"error: cannot run {command[0]!r} ({e.strerror}): check the command "
+                     "after --")
         children.append(child)
         print(f"[launch] process {index} pid {child.pid}", file=sys.stderr, flush=True)
         for stream, out in ((child.stdout, sys.stdout), (child.stderr, sys.stderr)):
