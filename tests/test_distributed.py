@@ -119,6 +119,15 @@ def test_two_process_checkpoint_resumes_in_one_process_with_the_same_losses(runs
     assert two[later[-1]] < two[1]
 
 
+def test_a_failing_process_stops_the_job_instead_of_hanging(tmp_path):
+    # process 0 fails training the tokenizer while process 1 waits for it at a barrier
+    start = time.time()
+    job = launch(tmp_path / "run", 2, 1, **{"data.tokenizer_vocab_size": 300})
+    log = finish(job, tmp_path / "run", 120)
+    assert job.returncode != 0 and time.time() - start < 90
+    assert re.search(r"\[0\] RuntimeError: .*Vocabulary size is smaller", log)
+
+
 def test_a_changed_shard_count_restarts_the_data_stream_with_a_warning(runs, caplog):
     caplog.set_level("WARNING")
     # train.steps=3: restore and build the reseeded stream, then stop (no step to compile)
