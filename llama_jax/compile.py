@@ -25,8 +25,6 @@ from llama_jax import optim, sharding, train_step  # noqa: E402
 from llama_jax.config import validate  # noqa: E402
 from llama_jax.model import Llama  # noqa: E402
 
-config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
-flags.DEFINE_string("topology", None, "GENERATION:CHIPS, e.g. v5p:2x2x1, v4:4x4x4, v5e:16x16.")
 
 GIB = 2 ** 30
 # per chip: HBM bytes and dense bf16 peak FLOP/s (datasheets; v6e = Trillium)
@@ -116,6 +114,13 @@ def compile_plan(config, topology):
             "compile_s": round(compile_s, 1)}
 
 
+def define_flags():
+    """Defined only when run as a program, so tests can import every entry point at once."""
+    config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
+                                    lock_config=True)
+    flags.DEFINE_string("topology", None, "GENERATION:CHIPS, e.g. v5p:2x2x1, v4:4x4x4, v5e:16x16.")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -129,4 +134,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -10,11 +10,17 @@ import jax
 import orbax.checkpoint as ocp
 from absl import flags, logging
 
-flags.DEFINE_string("coordinator", None, "HOST:PORT of the coordinator service that process 0 "
-                    "starts; with --num_processes and --process_id, for a cluster JAX does not "
-                    "detect by itself. Unset: detected from the environment, else one process.")
-flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
-flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1.")
+
+def define_flags():
+    """--coordinator, --num_processes, --process_id; an entry point defines them when run as a
+    program (so importing several entry points in one process never clashes)."""
+    flags.DEFINE_string("coordinator", None, "HOST:PORT of the coordinator service that process "
+                        "0 starts; with --num_processes and --process_id, for a cluster JAX does "
+                        "not detect by itself. Unset: detected from the environment, else one "
+                        "process.")
+    flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
+    flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1.")
+
 
 # what jax.distributed.initialize() raises when it found no cluster to read its settings from
 _NO_CLUSTER = "coordinator_address should be defined"

@@ -264,4 +264,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    distributed.define_flags()
     app.run(main)
