@@ -1,8 +1,9 @@
-"""Checkpoints: the Orbax CheckpointManager under WORKDIR/checkpoints, plus per-process data state.
+"""Checkpoints: the Orbax CheckpointManager under WORKDIR/checkpoints, plus per-shard data state.
 
 A step directory holds `state` (TrainState: step, params, optimizer state) and `meta` (resolved
-config, tokenizer fingerprint, process count, data shards). Orbax writes each step into a tmp directory and
-renames it only when complete, so a save killed half-way is never listed, never loaded.
+config, tokenizer fingerprint, process count, data shards). Orbax writes each step into a tmp
+directory and renames it only when complete, so a save killed half-way is never listed, never
+loaded.
 Each data shard's iterator is saved beside it under WORKDIR/data_state/STEP/shard_J by the
 process that reads it, and only read for a step that Orbax committed.
 """

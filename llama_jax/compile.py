@@ -1,4 +1,5 @@
-"""Ahead-of-time compile plan: python -m llama_jax.compile --config=configs/llama_7b.py --topology=v5p:2x2x1
+"""Ahead-of-time compile plan:
+  python -m llama_jax.compile --config=configs/llama_7b.py --topology=v5p:2x2x1
 
 Compiles the real sharded train step for a TPU slice on this (CPU) machine through libtpu's
 compile-only devices, and prints one JSON line: per-device memory from XLA, whether it fits the

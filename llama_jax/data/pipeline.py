@@ -212,7 +212,8 @@ def concat_shards(datasets):
     if len(datasets) == 1:
         return next(iter(datasets.values()))
     zipped = tf.data.Dataset.zip(tuple(datasets[s] for s in sorted(datasets)))
-    return zipped.map(lambda *parts: {k: tf.concat([p[k] for p in parts], 0) for k in parts[0]})
+    return zipped.map(
+        lambda *parts: {k: tf.concat([p[k] for p in parts], 0) for k in parts[0]})
 
 
 class ShardedIterator:
