@@ -77,6 +77,19 @@ def shared_tokenizer(workdir, data, vocab_size):
     return tokenizer_lib.get_tokenizer(workdir, data, vocab_size)
 
 
+def restarted_stream(data, tokenizer, saved_shards, data_shards, step):
+    """A new train iterator for a checkpoint whose data state belongs to another shard count
+    (no saved state fits these shards), reseeded so it does not replay the run's first batches."""
+    logging.warning(
+        "the checkpoint's data stream has %d shards but this run reads %d (the process count or "
+        "data.shards changed): the data iterator restarts with seed data.seed + %d. Set "
+        "data.shards to a multiple of every process count you use to resume the stream exactly",
+        saved_shards, data_shards, step)
+    reseeded = data.copy_and_resolve_references()
+    reseeded.seed = data.seed + step
+    return pipeline.ShardedIterator(pipeline.process_datasets("train", reseeded, tokenizer))
+
+
 def truncate_metrics(path, last_step):
     """Drops records past the restored step, so a resumed run's log reads as one run."""
     if not path.exists():
@@ -128,17 +141,7 @@ def train(config, workdir):
         # checkpoints written before data.shards existed read one shard per process
         saved_shards = saved_meta.get("data_shards", saved_meta["process_count"])
         if saved_shards != data_shards:
-            # no saved state fits these shards: a new stream, reseeded so it does not replay
-            # the documents the run began with
-            logging.warning(
-                "the checkpoint's data stream has %d shards but this run reads %d (the process "
-                "count or data.shards changed): the data iterator restarts with seed "
-                "data.seed + %d. Set data.shards to a multiple of every process count you use "
-                "to resume the stream exactly", saved_shards, data_shards, latest)
-            reseeded = data.copy_and_resolve_references()
-            reseeded.seed = data.seed + latest
-            train_ds = pipeline.ShardedIterator(
-                pipeline.process_datasets("train", reseeded, tokenizer))
+            train_ds = restarted_stream(data, tokenizer, saved_shards, data_shards, latest)
         state = ckpt.restore(latest, abstract, train_ds if saved_shards == data_shards else None)
         if jax.process_index() == 0:
             truncate_metrics(workdir / "metrics.jsonl", latest)
