@@ -1,10 +1,11 @@
-"""Checkpoints: the Orbax CheckpointManager under WORKDIR/checkpoints, plus per-process data state.
+"""Checkpoints: the Orbax CheckpointManager under WORKDIR/checkpoints, plus per-shard data state.
 
 A step directory holds `state` (TrainState: step, params, optimizer state) and `meta` (resolved
-config, tokenizer fingerprint, process count). Orbax writes each step into a tmp directory and
-renames it only when complete, so a save killed half-way is never listed, never loaded.
-The data iterator of each process is saved beside it under WORKDIR/data_state/STEP/ and only
-read for a step that Orbax committed.
+config, tokenizer fingerprint, process count, data shards). Orbax writes each step into a tmp
+directory and renames it only when complete, so a save killed half-way is never listed, never
+loaded.
+Each data shard's iterator is saved beside it under WORKDIR/data_state/STEP/shard_J by the
+process that reads it, and only read for a step that Orbax committed.
 """
 
 import hashlib
@@ -64,12 +65,12 @@ class Checkpointer:
         """Data state first (synchronously, atomically), then the async Orbax save."""
         self.mngr.check_for_errors()  # a failed background save surfaces here, not never
         if data_iterator is not None:
-            name = f"process_{jax.process_index()}"
-            tmp = self.data_dir / str(step) / f".tmp_{name}"
+            tmp = self.data_dir / str(step) / f".tmp_process_{jax.process_index()}"
             shutil.rmtree(tmp, ignore_errors=True)
-            data_iterator.save(tmp)  # writes tmp/process_i/...
-            shutil.rmtree(tmp.parent / name, ignore_errors=True)
-            os.replace(tmp / name, tmp.parent / name)  # complete or absent, never half-written
+            data_iterator.save(tmp)  # writes tmp/shard_j/... for each shard of this process
+            for part in tmp.iterdir():
+                shutil.rmtree(tmp.parent / part.name, ignore_errors=True)
+                os.replace(part, tmp.parent / part.name)  # complete or absent, never half-written
             tmp.rmdir()
         self.mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
@@ -94,7 +95,7 @@ class Checkpointer:
         return self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def check_compatible(self, step, abstract_params, meta):
-        """Refuses a checkpoint of another model shape, tokenizer or process count."""
+        """Refuses a checkpoint of another model shape or tokenizer; returns its meta."""
         where = f"the checkpoint at step {step} in {self.mngr.directory}"
         saved_meta, saved = self._unreadable_is_an_error(step, lambda: (
             self.read_meta(step), self.mngr.item_metadata(step)["state"].tree["params"]))
@@ -106,10 +107,7 @@ class Checkpointer:
             raise CheckpointError(f"{where} was trained with tokenizer {saved_meta['tokenizer']}"
                                   f" but the workdir's tokenizer.model is {meta['tokenizer']}: "
                                   "restore the original tokenizer.model or use a new --workdir")
-        if saved_meta["process_count"] != meta["process_count"]:
-            raise CheckpointError(f"{where} holds data state for {saved_meta['process_count']} "
-                                  f"processes but this run has {meta['process_count']}: resume "
-                                  f"with {saved_meta['process_count']} processes")
+        return saved_meta
 
     def restore(self, step, abstract_state, data_iterator=None):
         """The state at `step` laid out by abstract_state's shardings (any mesh)."""
@@ -117,10 +115,12 @@ class Checkpointer:
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))))
         if data_iterator is not None:
             path = self.data_dir / str(step)
-            if not (path / f"process_{jax.process_index()}").exists():
-                raise CheckpointError(f"data state {path} for step {step} is missing: delete "
-                                      "the step directory to resume from the previous one")
-            data_iterator.restore(path)
+            try:
+                data_iterator.restore(path)
+            except FileNotFoundError as e:
+                raise CheckpointError(f"data state {path} for step {step} is missing ({e}): "
+                                      "delete the step directory to resume from the previous "
+                                      "one") from e
         return restored.state
 
     def _unreadable_is_an_error(self, step, read):

@@ -7,7 +7,7 @@ import sys
 
 COMMANDS = {name: f"llama_jax.{name}" for name in (
     "train", "bench", "tokenizer", "data", "convert", "generate", "evaluate", "plot",
-    "scaling")}
+    "scaling", "compile")}
 
 
 def lm_eval():

@@ -31,6 +31,10 @@ def base_config(**model) -> ml_collections.ConfigDict:
         tokenizer_vocab_size=32000,  # SentencePiece BPE trained on first use, cached in workdir
         tokenizer_sample_lines=2_000_000,
         seed=0,
+        # data-iterator shards, each read by one process (0: one per process). A fixed value
+        # that every process count you use divides lets a run resume its data stream exactly
+        # after changing the process count
+        shards=0,
     ))
 
     c.train = ml_collections.ConfigDict(dict(

@@ -9,15 +9,15 @@ import json
 import pathlib
 import shutil
 import signal
-import sys
 import time
+import traceback
 
 import jax
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from llama_jax import checkpoint, optim, sharding, train_step
+from llama_jax import checkpoint, distributed, optim, sharding, train_step
 from llama_jax.config import profile_range, validate
 from llama_jax.data import pipeline, tokenizer as tokenizer_lib
 from llama_jax.metrics import MetricsWriter, peak_flops
@@ -64,6 +64,32 @@ def check_workdir(workdir, state_bytes):
                       f"needs about {need / 2**30:.2f} GiB: free space or use another disk")
 
 
+def shared_tokenizer(workdir, data, vocab_size):
+    """Process 0 trains the tokenizer of a fresh workdir while the others wait, then all read it."""
+    if jax.process_count() > 1 and not data.tokenizer_path:
+        if jax.process_index() == 0:
+            tokenizer_lib.get_tokenizer(workdir, data, vocab_size)
+        distributed.barrier("tokenizer")
+        if not (workdir / "tokenizer.model").exists():
+            raise OSError(f"process {jax.process_index()} cannot see {workdir}/tokenizer.model "
+                          "that process 0 wrote: --workdir must be a directory every process "
+                          "shares (a bucket mount, NFS), or set data.tokenizer_path")
+    return tokenizer_lib.get_tokenizer(workdir, data, vocab_size)
+
+
+def restarted_stream(data, tokenizer, saved_shards, data_shards, step):
+    """A new train iterator for a checkpoint whose data state belongs to another shard count
+    (no saved state fits these shards), reseeded so it does not replay the run's first batches."""
+    logging.warning(
+        "the checkpoint's data stream has %d shards but this run reads %d (the process count or "
+        "data.shards changed): the data iterator restarts with seed data.seed + %d. Set "
+        "data.shards to a multiple of every process count you use to resume the stream exactly",
+        saved_shards, data_shards, step)
+    reseeded = data.copy_and_resolve_references()
+    reseeded.seed = data.seed + step
+    return pipeline.ShardedIterator(pipeline.process_datasets("train", reseeded, tokenizer))
+
+
 def truncate_metrics(path, last_step):
     """Drops records past the restored step, so a resumed run's log reads as one run."""
     if not path.exists():
@@ -84,6 +110,7 @@ def train(config, workdir):
     mesh = sharding.make_mesh(config.mesh)
     cfg = validate(config, mesh.devices.shape)
     data, tc = config.data, config.train
+    data_shards = pipeline.process_shards(data, jax.process_index(), jax.process_count())[1]
     logging.info("mesh %s over %d devices; model %s, %.1fM parameters", dict(mesh.shape),
                  mesh.size, cfg, cfg.num_params() / 1e6)
 
@@ -94,27 +121,30 @@ def train(config, workdir):
                                                      data.seq_len)
     check_workdir(workdir, sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract)))
 
-    # Phase 3: tokenizer and data, each process reading its own share.
-    tokenizer = tokenizer_lib.get_tokenizer(workdir, data, cfg.vocab_size)
-    local_batch = data.global_batch_size // jax.process_count()
-    shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    # Phase 3: tokenizer and data, each process reading its own data shards.
+    tokenizer = shared_tokenizer(workdir, data, cfg.vocab_size)
     # an iterator (not the dataset) so its position can be saved and restored with checkpoints
-    train_ds = pipeline.DataIterator(
-        pipeline.make_dataset("train", data, tokenizer, local_batch, **shard))
-    eval_ds = pipeline.make_dataset("validation", data, tokenizer, local_batch, **shard)
+    train_ds = pipeline.ShardedIterator(pipeline.process_datasets("train", data, tokenizer))
+    eval_ds = pipeline.concat_shards(pipeline.process_datasets("validation", data, tokenizer))
 
     # Phase 4: restore the latest checkpoint, or init (from scratch or another run's params).
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep,
                                    config.checkpoint.keep_period or None)
     meta = {"config": checkpoint.config_json(config), "process_count": jax.process_count(),
+            "data_shards": data_shards,
             "tokenizer": checkpoint.fingerprint(workdir / "tokenizer.model")}
     latest = ckpt.latest_step()
     if ckpt.uncommitted():
         logging.warning("ignoring unfinished checkpoint saves %s", ckpt.uncommitted())
     if latest is not None:
-        ckpt.check_compatible(latest, abstract.params, meta)
-        state = ckpt.restore(latest, abstract, train_ds)
-        truncate_metrics(workdir / "metrics.jsonl", latest)
+        saved_meta = ckpt.check_compatible(latest, abstract.params, meta)
+        # checkpoints written before data.shards existed read one shard per process
+        saved_shards = saved_meta.get("data_shards", saved_meta["process_count"])
+        if saved_shards != data_shards:
+            train_ds = restarted_stream(data, tokenizer, saved_shards, data_shards, latest)
+        state = ckpt.restore(latest, abstract, train_ds if saved_shards == data_shards else None)
+        if jax.process_index() == 0:
+            truncate_metrics(workdir / "metrics.jsonl", latest)
         logging.info("resumed from step %d in %s", latest, ckpt.mngr.directory)
     else:
         state = train_step.init_state(jax.random.key(tc.seed), model, tx, shardings,
@@ -135,7 +165,9 @@ def train(config, workdir):
     first_step = int(state.step)
     summary = {"first_step": first_step, "eval_loss": []}
     sigterm = []
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: sigterm.append(time.time()))
+    # with several processes JAX's preemption service catches SIGTERM (see _preempted)
+    if jax.process_count() == 1:
+        previous_handler = signal.signal(signal.SIGTERM, lambda *_: sigterm.append(time.time()))
 
     def save(step):
         ckpt.save(step, state, meta, train_ds)
@@ -190,7 +222,8 @@ def train(config, workdir):
                 raise Preempted(f"preempted at step {step}: checkpoint saved in "
                                 f"{ckpt.mngr.directory}; rerun the same command to resume")
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        if jax.process_count() == 1:
+            signal.signal(signal.SIGTERM, previous_handler)
         writer.close()
         ckpt.close()  # waits for the last async save and raises its error, if any
         summary.update(steps=int(state.step), wall_s=time.time() - start,
@@ -224,11 +257,15 @@ def main(argv):
         raise app.UsageError("--config and --workdir are both required, e.g. "
                              "--config=configs/tiny.py --workdir=runs/tiny")
     try:
+        distributed.initialize_from_flags()  # before anything touches a device
         train(flags.FLAGS.config, flags.FLAGS.workdir)
     except (ValueError, KeyError, OSError, FloatingPointError) as e:
         # a known failure is one line that says the fix, not a traceback wall
-        sys.exit(f"error: {e}")
+        distributed.exit_failed(f"error: {e}")
+    except Exception:
+        distributed.exit_failed(traceback.format_exc())
 
 
 if __name__ == "__main__":
+    distributed.define_flags()
     app.run(main)

@@ -164,7 +164,7 @@ def test_resume_gives_the_batches_of_an_uninterrupted_run(sp, tmp_path, stdlib_t
         got = next(resumed)
         assert all(np.array_equal(got[k], want[k]) for k in want)
     other = pipeline.DataIterator(pipeline.make_dataset("train", config.data, sp, 4), 1)
-    with pytest.raises(FileNotFoundError, match="no data iterator state at .*process_1"):
+    with pytest.raises(FileNotFoundError, match="no data iterator state at .*shard_1"):
         other.restore(tmp_path)
 
 

@@ -154,13 +154,13 @@ def make_dataset(split, data_config, tokenizer, local_batch_size, *, process_ind
 
 
 class DataIterator:
-    """Iterates a dataset as numpy dicts; save/restore its exact position (tf.data iterator
-    checkpoint: shuffle buffers, the unfinished packed row, file offsets) for this process."""
+    """Iterates one data shard's dataset as numpy dicts; save/restore its exact position (tf.data
+    iterator checkpoint: shuffle buffers, the unfinished packed row, file offsets)."""
 
-    def __init__(self, dataset, process_index=None):
+    def __init__(self, dataset, shard=None):
         self._iterator = iter(dataset)
         self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
-        self._process = jax.process_index() if process_index is None else process_index
+        self._shard = jax.process_index() if shard is None else shard
 
     def __iter__(self):
         return self
@@ -169,8 +169,8 @@ class DataIterator:
         return {k: v.numpy() for k, v in next(self._iterator).items()}
 
     def _prefix(self, directory):
-        # one file set per process: each process holds only its own share of the stream
-        return os.path.join(os.fspath(directory), f"process_{self._process}", "iterator")
+        # one file set per shard, so a process that owns other shards finds only its own
+        return os.path.join(os.fspath(directory), f"shard_{self._shard}", "iterator")
 
     def save(self, directory):
         return self._checkpoint.write(self._prefix(directory))
@@ -181,6 +181,62 @@ class DataIterator:
             raise FileNotFoundError(f"no data iterator state at {prefix}: save() it first or "
                                     "start without restore")
         self._checkpoint.read(prefix).assert_consumed()
+
+
+def process_shards(data_config, process_index, process_count):
+    """(this process's data shard indices, the number of shards). data.shards (0: one per process) fixes the stream
+    independently of the process count, so a run resumes its data exactly on any process count
+    that divides it."""
+    shards = data_config.shards or process_count
+    if shards % process_count or data_config.global_batch_size % shards:
+        raise ValueError(f"data.shards={shards} must be a multiple of the process count "
+                         f"{process_count} and divide data.global_batch_size="
+                         f"{data_config.global_batch_size}: change data.shards (0 = one per "
+                         "process)")
+    per_process = shards // process_count
+    return list(range(process_index * per_process, (process_index + 1) * per_process)), shards
+
+
+def process_datasets(split, data_config, tokenizer, process_index=None, process_count=None):
+    """{shard: dataset of global_batch_size / shards rows} for this process's shards."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    mine, shards = process_shards(data_config, process_index, process_count)
+    rows = data_config.global_batch_size // shards
+    return {s: make_dataset(split, data_config, tokenizer, rows, process_index=s,
+                            process_count=shards) for s in mine}
+
+
+def concat_shards(datasets):
+    """One dataset whose batches are the shards' batches side by side (in shard order)."""
+    if len(datasets) == 1:
+        return next(iter(datasets.values()))
+    zipped = tf.data.Dataset.zip(tuple(datasets[s] for s in sorted(datasets)))
+    return zipped.map(
+        lambda *parts: {k: tf.concat([p[k] for p in parts], 0) for k in parts[0]})
+
+
+class ShardedIterator:
+    """This process's shards read side by side: each batch is one batch of every shard,
+    concatenated in shard order; save/restore keep one state per shard."""
+
+    def __init__(self, datasets):
+        self._iterators = [DataIterator(datasets[s], s) for s in sorted(datasets)]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        parts = [next(it) for it in self._iterators]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def save(self, directory):
+        for it in self._iterators:
+            it.save(directory)
+
+    def restore(self, directory):
+        for it in self._iterators:
+            it.restore(directory)
 
 
 def global_batches(batches, sharding):

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Trains on a Cloud TPU VM slice: creates it (or reuses one of that name), installs this checkout
+# on every worker, mounts the gs:// bucket, runs the train command on all workers at once
+# (--worker=all) and streams their output here. jax.distributed finds the other workers itself.
+#
+#   launch/tpu_pod.sh --name=llama-7b --zone=us-east5-a --type=v5p-64 \
+#       --config=configs/llama_7b.py --workdir=gs://my-bucket/llama_7b [--dry-run] [-- TRAIN FLAGS]
+#
+# --dry-run prints every command instead of running it (nothing touches gcloud).
+# The workdir bucket is mounted with gcsfuse at /gcs/BUCKET on each worker, because the trainer
+# reads and writes its workdir as a local path.
+set -euo pipefail
+
+NAME="" ZONE="" TYPE="" CONFIG="" WORKDIR="" DRY_RUN=""
+VERSION="v2-alpha-tpuv5"  # TPU VM runtime image; v4: tpu-ubuntu2204-base
+EXTRA=()
+usage() { sed -n '2,11p' "$0" >&2; exit 2; }
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --name=*) NAME="${1#*=}" ;;
+    --zone=*) ZONE="${1#*=}" ;;
+    --type=*) TYPE="${1#*=}" ;;
+    --version=*) VERSION="${1#*=}" ;;
+    --config=*) CONFIG="${1#*=}" ;;
+    --workdir=*) WORKDIR="${1#*=}" ;;
+    --dry-run) DRY_RUN=1 ;;
+    --) shift; EXTRA=("$@"); break ;;
+    *) echo "error: unknown argument $1" >&2; usage ;;
+  esac
+  shift
+done
+for var in NAME ZONE TYPE CONFIG WORKDIR; do
+  [[ -n "${!var}" ]] || { echo "error: --${var,,}= is required" >&2; usage; }
+done
+[[ "$WORKDIR" == gs://* ]] || { echo "error: --workdir=$WORKDIR must be a gs:// path" >&2; exit 2; }
+BUCKET="${WORKDIR#gs://}"; BUCKET="${BUCKET%%/*}"
+MOUNTED_WORKDIR="/gcs/${WORKDIR#gs://}"
+
+source "$(dirname "$0")/lib.sh"
+run() {  # prints the command; runs it unless --dry-run
+  print_command "$@"
+  [[ -n "$DRY_RUN" ]] || "$@"
+}
+on_all_workers() {
+  run gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --worker=all --command="$1"
+}
+
+# 1. the slice: reuse it when it exists (a dry run cannot ask, so it shows the create)
+if [[ -n "$DRY_RUN" ]] || ! gcloud compute tpus tpu-vm describe "$NAME" --zone="$ZONE" \
+    >/dev/null 2>&1; then
+  run gcloud compute tpus tpu-vm create "$NAME" --zone="$ZONE" --accelerator-type="$TYPE" \
+    --version="$VERSION"
+fi
+
+# 2. this checkout (committed files) on every worker, with the pinned packages and libtpu
+ARCHIVE="/tmp/llama_jax_$$.tar.gz"
+run git -C "$(dirname "$0")/.." archive --format=tar.gz -o "$ARCHIVE" HEAD
+run gcloud compute tpus tpu-vm scp "$ARCHIVE" "$NAME:~/llama_jax.tar.gz" --zone="$ZONE" \
+  --worker=all
+on_all_workers "mkdir -p ~/llama_jax && tar -xzf ~/llama_jax.tar.gz -C ~/llama_jax && \
+cd ~/llama_jax && python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt \
+'jax[tpu]==0.10.2' && .venv/bin/pip install -q --no-deps -e ."
+
+# 3. the bucket as a directory on every worker
+on_all_workers "command -v gcsfuse >/dev/null || { \
+curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null && \
+echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list && \
+sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; } && \
+sudo mkdir -p /gcs/$BUCKET && sudo chown \$USER /gcs/$BUCKET && \
+{ mountpoint -q /gcs/$BUCKET || gcsfuse --implicit-dirs $BUCKET /gcs/$BUCKET; }"
+
+# 4. train: the same command on every worker; output streams back through ssh
+TRAIN="cd ~/llama_jax && .venv/bin/python -m llama_jax.train --config=$CONFIG --workdir=$MOUNTED_WORKDIR"
+for flag in "${EXTRA[@]}"; do TRAIN+=" $(printf '%q' "$flag")"; done
+on_all_workers "set -o pipefail; $TRAIN 2>&1 | tee -a ~/train.log"
