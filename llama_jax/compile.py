@@ -67,6 +67,15 @@ def abstract_batch(mesh, batch_size, seq_len):
     return {k: jax.ShapeDtypeStruct(shape, d, sharding=batch_sharding) for k, d in dtypes.items()}
 
 
+def _target_attention(cfg, mesh, seq_len):
+    """The attention implementation the step compiles with for this mesh's platform."""
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        impl = cfg.attention_impl
+    if impl == "splash" and cfg.attention == "auto" and seq_len % 128:
+        return "xla"  # as the model falls back (llama_jax/model.py Attention)
+    return impl
+
+
 def compile_plan(config, topology):
     generation, devices = topology_devices(topology)
     chip = CHIPS[generation]
@@ -89,6 +98,7 @@ def compile_plan(config, topology):
         "topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
         "mesh": dict(zip(sharding.MESH_AXES, shape)), "sharding_rules": config.sharding_rules,
         "remat": cfg.remat, "loss_chunk_size": config.train.loss_chunk_size,
+        "attention": _target_attention(cfg, mesh, seq_len),
         "params": cfg.num_params(), "global_batch_size": batch_size, "seq_len": seq_len,
         "hbm_gib": chip["hbm"] / GIB, "flops_per_step": flops_per_step,
         "roofline_step_s": float(f"{roofline_s:.4g}"),

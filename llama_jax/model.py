@@ -261,7 +261,10 @@ class Attention(nn.Module):
         q = rope(q, positions, cfg.rope_theta)
         key = rope(key, positions, cfg.rope_theta)
         if kv is None:
-            out = causal_attention(q, key, v, segment_ids, cfg.attention_impl)
+            impl = cfg.attention_impl
+            if impl == "splash" and cfg.attention == "auto" and x.shape[1] % 128:
+                impl = "xla"  # splash's blocks are multiples of 128; auto falls back, not fails
+            out = causal_attention(q, key, v, segment_ids, impl)
         else:  # decoding attends over cache slots: always the reference (it is one query row)
             start = (0, index, 0, 0)
             key = jax.lax.dynamic_update_slice(kv[0], key.astype(kv[0].dtype), start)

@@ -21,9 +21,22 @@ def test_micro_config_compiles_for_a_v5e_2x2_slice_and_fits():
     assert plan["fits"] is True and plan["hbm_gib"] == 16
     config = micro_config()
     tokens = config.data.global_batch_size * config.data.seq_len
-    assert plan["flops_per_step"] == 6 * tokens * (plan["params"] + 2 * 32 * 64)
+    # 6 x (params - the 512 x 64 input embedding, a lookup) + 6 L T D, per token
+    assert plan["flops_per_step"] == 6 * tokens * (plan["params"] - 512 * 64 + 2 * 32 * 64)
     assert plan["roofline_step_s"] == pytest.approx(plan["flops_per_step"] / (4 * 197e12),
                                                     rel=1e-3)
+
+
+def test_splash_attention_compiles_for_tpu_inside_the_sharded_step():
+    """On a TPU target the automatic attention is the splash kernel (Mosaic), run per device
+    under shard_map; on a (fsdp 2, tensor 2) slice the real step must compile with it."""
+    config = micro_config(max_seq_len=128)
+    config.data.seq_len = 128
+    config.mesh.update(data=1, fsdp=2, tensor=2)
+    config.sharding_rules = "fsdp_tp"
+    plan = compile_plan_lib.compile_plan(config, "v5e:2x2")
+    assert plan["fits"] is True and plan["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+    assert plan["attention"] == "splash"
 
 
 def test_a_step_too_big_for_the_chip_does_not_fit():
