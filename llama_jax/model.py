@@ -301,18 +301,7 @@ class Block(nn.Module):
         attn, kv = attn if kv is not None else (attn, None)
         x = x + attn
         x = x + MLP(self.cfg, name="feed_forward")(RMSNorm(self.cfg, name="ffn_norm")(x))
-        return split_rows(x), kv  # (carry, per-layer output) so the block runs under nn.scan
-
-
-def split_rows(x):
-    """Pins activations [B, T, D] to be split by batch rows over (data, fsdp) when traced
-    under a mesh. Left to itself, GSPMD follows the embedding table's fsdp-split model dim
-    into the residual stream, and every device then holds all rows of the batch."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return x
-    rows = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
-    return jax.lax.with_sharding_constraint(x, P(rows, *(None,) * (x.ndim - 1)))
+        return x, kv  # (carry, per-layer output) so the same block runs under nn.scan
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int):
@@ -361,7 +350,7 @@ class Llama(nn.Module):
             extra = ((cache["k"], cache["v"]), cache["index"], mask)
         embed = _param(self, "tok_embeddings", nn.initializers.normal(0.02),
                        (cfg.vocab_size, cfg.dim), ("vocab", "embed"), cfg)
-        x = split_rows(jnp.take(embed, tokens, axis=0).astype(DTYPES[cfg.dtype]))  # [B, T, D]
+        x = jnp.take(embed, tokens, axis=0).astype(DTYPES[cfg.dtype])  # [B, T, D]
 
         policy = REMAT_POLICIES[cfg.remat]
         block = Block if cfg.remat == "none" else nn.remat(
