@@ -147,8 +147,8 @@ def run_study(base, budget, sizes, workdir):
 def markdown(study):
     """The results table, with the settings it depends on."""
     lines = [
-        f"Budget {study['budget']:.3g} FLOPs per size (6N + attention per token, "
-        f"`ModelConfig.flops_per_token`); {study['global_batch_size']} x {study['seq_len']}-token "
+        f"Budget {study['budget']:.3g} FLOPs per size (`ModelConfig.flops_per_token`: 6 per "
+        f"weight outside the input embedding, plus causal attention); {study['global_batch_size']} x {study['seq_len']}-token "
         f"batches; peak lr {study['lr']:g}, warmup {WARMUP_FRACTION:.0%} of each run's steps, "
         f"cosine to 10%. Wall time of this invocation (sizes finished by an earlier one are "
         f"not retrained) {study['wall_s'] / 60:.1f} min.", "",
