@@ -18,7 +18,9 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements-test.txt
-	$(VENV)/bin/python -m pytest -q tests
+	# two workers, one test file each at a time: module fixtures run once, and the 2 cores
+	# overlap one file's compiles with another's steps
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) runs

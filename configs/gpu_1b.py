@@ -2,6 +2,7 @@
 32000, seq 2048, bfloat16 compute (params and AdamW state float32), cuDNN flash attention.
 
   python -m llama_jax.bench --config=configs/gpu_1b.py
+  python -m llama_jax.train --config=configs/gpu_1b.py --workdir=runs/gpu_1b   # trains it
 The defaults (batch 48, dots_saveable remat, loss chunks of 512) were the fastest packed-data
 setting on an H200 (bench/results/); bench/gpu.sh runs it at several batch sizes and remat
 policies.
