@@ -55,7 +55,7 @@ def bench(config, steps, segment_ids=True):
     result = {
         "config": {"dim": cfg.dim, "n_layers": cfg.n_layers, "seq_len": seq_len,
                    "global_batch_size": batch_size, "dtype": cfg.dtype, "remat": cfg.remat,
-                   "scan_layers": cfg.scan_layers, "attention": cfg.attention_impl,
+                   "scan_layers": cfg.scan_layers, "attention": cfg.attention_impl(seq_len),
                    "segment_ids": segment_ids, "loss_chunk_size": config.train.loss_chunk_size,
                    "mesh": dict(mesh.shape)},
         "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",

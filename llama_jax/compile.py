@@ -70,10 +70,7 @@ def abstract_batch(mesh, batch_size, seq_len):
 def _target_attention(cfg, mesh, seq_len):
     """The attention implementation the step compiles with for this mesh's platform."""
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        impl = cfg.attention_impl
-    if impl == "splash" and cfg.attention == "auto" and seq_len % 128:
-        return "xla"  # as the model falls back (llama_jax/model.py Attention)
-    return impl
+        return cfg.attention_impl(seq_len)
 
 
 def compile_plan(config, topology):

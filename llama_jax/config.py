@@ -99,7 +99,7 @@ def validate(config, mesh_sizes):
     if config.profile.steps and profile_range(config.profile.steps) is None:
         errors.append(f"profile.steps={config.profile.steps!r} is not START:END with "
                       "0 <= START < END, e.g. '10:15'")
-    if cfg.attention_impl == "splash" and data.seq_len % 128:
+    if cfg.attention_impl(data.seq_len) == "splash" and data.seq_len % 128:
         errors.append(f"data.seq_len={data.seq_len} is not a multiple of 128, which splash "
                       "attention's blocks need: pick such a seq_len or model.attention='xla'")
     if train.loss_chunk_size and data.seq_len % train.loss_chunk_size:

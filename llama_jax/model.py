@@ -87,15 +87,16 @@ class ModelConfig:
                 raise ValueError(f"model.{name}={getattr(self, name)!r} is unknown: use one of "
                                  f"{sorted(DTYPES)}")
 
-    @property
-    def attention_impl(self) -> str:
+    def attention_impl(self, seq_len: int) -> str:
         """The attention implementation this config runs with on the target platform."""
         if self.attention != "auto":
             return self.attention
         platform = target_platform()
         if platform == "gpu" and self.dtype in ("bfloat16", "float16"):
             return "cudnn"  # cuDNN's fused kernel takes 16-bit inputs only
-        return "splash" if platform == "tpu" else "xla"
+        if platform == "tpu" and seq_len % 128 == 0:
+            return "splash"  # its blocks are multiples of 128; otherwise auto falls back to xla
+        return "xla"
 
     @property
     def head_dim(self) -> int:
@@ -261,10 +262,7 @@ class Attention(nn.Module):
         q = rope(q, positions, cfg.rope_theta)
         key = rope(key, positions, cfg.rope_theta)
         if kv is None:
-            impl = cfg.attention_impl
-            if impl == "splash" and cfg.attention == "auto" and x.shape[1] % 128:
-                impl = "xla"  # splash's blocks are multiples of 128; auto falls back, not fails
-            out = causal_attention(q, key, v, segment_ids, impl)
+            out = causal_attention(q, key, v, segment_ids, cfg.attention_impl(x.shape[1]))
         else:  # decoding attends over cache slots: always the reference (it is one query row)
             start = (0, index, 0, 0)
             key = jax.lax.dynamic_update_slice(kv[0], key.astype(kv[0].dtype), start)
