@@ -124,6 +124,19 @@ def _dense_init(fan_in):
     return nn.initializers.normal(stddev=fan_in ** -0.5)
 
 
+def linear(x, w, in_dims=1):
+    """x [..., *in] times w [*in, *out] -> [..., *out], as one 2-D matmul.
+
+    Why 2-D: a projection written as an einsum over [B, T, ...] has a weight gradient that
+    contracts two dims (B and T), and XLA:CPU canonicalises such a dot by physically transposing
+    the activations first; with B and T merged into one row dim it needs no copy (cpu-bench: 21.4
+    -> 18.8 CPU-s per step for the MLP alone). Other backends get the same matmuls.
+    """
+    k = math.prod(w.shape[:in_dims])
+    out = x.reshape(-1, k) @ w.reshape(k, -1).astype(x.dtype)
+    return out.reshape(*x.shape[:x.ndim - in_dims], *w.shape[in_dims:])
+
+
 class RMSNorm(nn.Module):
     cfg: ModelConfig
 
@@ -255,10 +268,7 @@ class Attention(nn.Module):
         wk = _param(self, "wk", init, (d, k, e), ("embed", "kv_heads", "head_dim"), cfg)
         wv = _param(self, "wv", init, (d, k, e), ("embed", "kv_heads", "head_dim"), cfg)
         wo = _param(self, "wo", _dense_init(h * e), (h, e, d), ("heads", "head_dim", "embed"), cfg)
-        dt = DTYPES[cfg.dtype]
-        q = jnp.einsum("btd,dhe->bthe", x, wq.astype(dt))
-        key = jnp.einsum("btd,dke->btke", x, wk.astype(dt))
-        v = jnp.einsum("btd,dke->btke", x, wv.astype(dt))
+        q, key, v = linear(x, wq), linear(x, wk), linear(x, wv)
         q = rope(q, positions, cfg.rope_theta)
         key = rope(key, positions, cfg.rope_theta)
         if kv is None:
@@ -268,7 +278,7 @@ class Attention(nn.Module):
             key = jax.lax.dynamic_update_slice(kv[0], key.astype(kv[0].dtype), start)
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
             out = reference_attention(q, key, v, mask)
-        out = checkpoint_name(jnp.einsum("bthe,hed->btd", out, wo.astype(dt)), "attn_out")
+        out = checkpoint_name(linear(out, wo, in_dims=2), "attn_out")
         return out if kv is None else (out, (key, v))
 
 
@@ -279,13 +289,11 @@ class MLP(nn.Module):
     def __call__(self, x):
         cfg = self.cfg
         d, f = cfg.dim, cfg.ffn_dim
-        dt = DTYPES[cfg.dtype]
         w1 = _param(self, "w1", _dense_init(d), (d, f), ("embed", "mlp"), cfg)  # gate
         w3 = _param(self, "w3", _dense_init(d), (d, f), ("embed", "mlp"), cfg)  # up
         w2 = _param(self, "w2", _dense_init(f), (f, d), ("mlp", "embed"), cfg)  # down
-        gate = jnp.einsum("btd,df->btf", x, w1.astype(dt))
-        up = jnp.einsum("btd,df->btf", x, w3.astype(dt))
-        out = jnp.einsum("btf,fd->btd", nn.silu(gate) * up, w2.astype(dt))
+        gate, up = linear(x, w1), linear(x, w3)
+        out = linear(nn.silu(gate) * up, w2)
         return checkpoint_name(out, "mlp_out")
 
 
@@ -376,7 +384,7 @@ class Llama(nn.Module):
         if return_hidden:  # the loss projects in chunks so [B, T, V] never exists at once
             result = x
         else:
-            result = jnp.einsum("btd,dv->btv", x, out.astype(x.dtype)).astype(jnp.float32)
+            result = linear(x, out).astype(jnp.float32)
         if cache is None:
             return result
         return result, {"k": kv[0], "v": kv[1], "segment_ids": slots,

@@ -25,29 +25,71 @@ class TrainState:
 
 
 def cross_entropy(hidden, w_out, targets, loss_mask, chunk_size=0):
-    """Masked mean next-token loss from hidden [B, T, D] and w_out [D, V].
+    """(summed next-token loss, token count) from hidden [B, T, D] and w_out [D, V], masked.
 
-    With chunk_size, logits are built chunk_size positions at a time under jax.checkpoint, so
-    only [B, chunk, V] float32 logits exist at once, in the forward and the backward pass.
+    The output projection's gradient is computed in the forward pass (see _nll_and_grads), so
+    the backward never recomputes or stores the [B, T, V] logits. With chunk_size, logits are
+    built chunk_size positions at a time, so only [B, chunk, V] float32 logits exist at once.
+    """
+    chunk = chunk_size or hidden.shape[1]
+    return _nll_sum(hidden, w_out, targets, loss_mask, chunk), jnp.sum(loss_mask)
+
+
+def _nll_and_grads(hidden, w_out, targets, loss_mask, chunk, grads):
+    """Summed masked NLL, and with grads=True also d(sum)/d(hidden) and d(sum)/d(w_out).
+
+    The loss is a scalar, so its gradient is these two arrays times the incoming cotangent:
+    computing them while the chunk's logits exist costs the same two matmuls autodiff would, and
+    saves the third (the logits again) that a rematerialised backward needs.
     """
     b, t, d = hidden.shape
-    chunk = chunk_size or t
     n = t // chunk
+    w = w_out.astype(hidden.dtype)
 
-    @jax.checkpoint
-    def chunk_loss(total, xs):
-        h, y, m = xs  # [B, C, D], [B, C], [B, C]
-        logits = jnp.einsum("bcd,dv->bcv", h, w_out.astype(h.dtype)).astype(jnp.float32)
-        nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(
-            logits, y[..., None], axis=-1)[..., 0]
-        return total + jnp.sum(nll * m), None
+    def step(carry, xs):
+        total, dw = carry
+        h, y, m = (x.reshape(b * chunk, *x.shape[2:]) for x in xs)  # [B*C, D], [B*C], [B*C]
+        logits = (h @ w).astype(jnp.float32)  # 2-D matmuls, as model.linear explains
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        nll = lse - jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
+        total = total + jnp.sum(nll * m)
+        if not grads:
+            return (total, dw), None
+        # d nll / d logits = softmax - onehot(target), zero where the position is masked
+        dlogits = (jnp.exp(logits - lse[:, None]) -
+                   jax.nn.one_hot(y, logits.shape[-1], dtype=jnp.float32)) * m[:, None]
+        dlogits = dlogits.astype(h.dtype)
+        dh = (dlogits @ w.T).reshape(b, chunk, d)
+        dw = dw + jnp.einsum("nd,nv->dv", h, dlogits, preferred_element_type=jnp.float32)
+        return (total, dw), dh
 
     def split(x):  # [B, T, ...] -> [n, B, C, ...]
         return jnp.swapaxes(x.reshape(b, n, chunk, *x.shape[2:]), 0, 1)
 
-    total, _ = jax.lax.scan(chunk_loss, jnp.zeros((), jnp.float32),
-                            (split(hidden), split(targets), split(loss_mask)))
-    return total, jnp.sum(loss_mask)
+    dw0 = jnp.zeros(w_out.shape, jnp.float32) if grads else None
+    (total, dw), dh = jax.lax.scan(step, (jnp.zeros((), jnp.float32), dw0),
+                                   (split(hidden), split(targets), split(loss_mask)))
+    if not grads:
+        return total
+    return total, jnp.swapaxes(dh, 0, 1).reshape(b, t, d), dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _nll_sum(hidden, w_out, targets, loss_mask, chunk):
+    return _nll_and_grads(hidden, w_out, targets, loss_mask, chunk, grads=False)
+
+
+def _nll_sum_fwd(hidden, w_out, targets, loss_mask, chunk):
+    total, dh, dw = _nll_and_grads(hidden, w_out, targets, loss_mask, chunk, grads=True)
+    return total, (dh, dw.astype(w_out.dtype))
+
+
+def _nll_sum_bwd(chunk, res, g):
+    dh, dw = res
+    return g.astype(dh.dtype) * dh, g.astype(dw.dtype) * dw, None, None  # targets, mask: data
+
+
+_nll_sum.defvjp(_nll_sum_fwd, _nll_sum_bwd)
 
 
 def loss_fn(params, batch, model, chunk_size):
