@@ -279,8 +279,6 @@ def cudnn_attention(q, k, v, segment_ids):
                                             implementation="cudnn")
 
     def packed(q, k, v, segment_ids):
-        # jax exposes the packed layout only through this private function
-        from jax._src.cudnn import fused_attention_stablehlo as fused
         lengths, offsets = packed_segments(segment_ids)
         group = q.shape[2] // k.shape[2]
         if group > 1:  # jax (before PR 39521) scales kv offsets by the query's head count
@@ -292,8 +290,11 @@ def cudnn_attention(q, k, v, segment_ids):
             kv_offsets=offsets, scale=q.shape[-1] ** -0.5,
             mask_type=fused.MaskType.PADDING_CAUSAL)
 
-    if segment_ids is None:
-        return dense(q, k, v, None)
+    # jax exposes the packed layout only through this private module
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+    # before Hopper cuDNN has no packed layout, and lax.cond traces both branches
+    if segment_ids is None or not fused.check_compute_capability("9.0"):
+        return dense(q, k, v, segment_ids)
     return jax.lax.cond(packed_fits(segment_ids), packed, dense, q, k, v, segment_ids)
 
 
