@@ -41,26 +41,28 @@ $py -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__ve
 'optax', optax.__version__, jax.devices()); assert jax.default_backend() == 'gpu', 'no GPU'" \
   || exit 1
 
-# name | batch | remat | loss chunk | attention | segment ids (GPU_BENCH_VARIANTS overrides)
+# name | batch | remat | loss chunk | attention | documents per row (0: no segment ids)
 variants=${GPU_BENCH_VARIANTS:-"
-b16-none-cudnn     16 none          0   auto true
-b16-none-cudnn-nos 16 none          0   auto false
-b16-full-cudnn     16 full          0   auto true
-b24-none-cudnn     24 none          512 auto true
-b48-dots-cudnn     48 dots_saveable 512 auto true
-b48-dots-cudnn-nos 48 dots_saveable 512 auto false
-b64-dots-cudnn     64 dots_saveable 512 auto true
-b96-min-cudnn      96 minimal       512 auto true
-b8-none-xla        8  none          0   xla  true
+b16-none-cudnn     16 none          0   auto 1
+b16-none-cudnn-nos 16 none          0   auto 0
+b16-full-cudnn     16 full          0   auto 1
+b24-none-cudnn     24 none          512 auto 1
+b48-dots-cudnn     48 dots_saveable 512 auto 1
+b48-dots-cudnn-d4  48 dots_saveable 512 auto 4
+b48-dots-cudnn-d32 48 dots_saveable 512 auto 32
+b48-dots-cudnn-nos 48 dots_saveable 512 auto 0
+b64-dots-cudnn     64 dots_saveable 512 auto 1
+b96-min-cudnn      96 minimal       512 auto 1
+b8-none-xla        8  none          0   xla  1
 "}
 : > "$out/gpu_bench.jsonl"
-while read -r name batch remat chunk attention segments; do
+while read -r name batch remat chunk attention documents; do
   [ -z "$name" ] && continue
   echo "== $name"
   if line=$($py -m llama_jax.bench --config=configs/gpu_1b.py --steps="$steps" \
       --config.data.global_batch_size="$batch" --config.model.remat="$remat" \
       --config.train.loss_chunk_size="$chunk" --config.model.attention="$attention" \
-      --segment_ids="$segments" 2>"$out/$name.log" | tail -1); then
+      --documents="$documents" 2>"$out/$name.log" | tail -1); then
     echo "$line" | tee -a "$out/gpu_bench.jsonl"
   else  # the first error line of its log, e.g. RESOURCE_EXHAUSTED when the batch does not fit
     $py -c 'import json, sys; print(json.dumps({"variant": sys.argv[1], "error": sys.argv[2]}))' \
@@ -71,7 +73,7 @@ done <<< "$variants"
 
 $py - "$out/gpu_bench.jsonl" <<'EOF'
 import json, sys
-print(f"{'batch':>5} {'remat':>13} {'chunk':>5} {'attn':>6} {'seg':>5} {'tok/s':>9} "
+print(f"{'batch':>5} {'remat':>13} {'chunk':>5} {'attn':>6} {'docs':>4} {'tok/s':>9} "
       f"{'step s':>7} {'MFU':>6} {'compile s':>9} {'peak GiB':>8}")
 for line in open(sys.argv[1]):
     r = json.loads(line)
@@ -81,6 +83,6 @@ for line in open(sys.argv[1]):
     c = r["config"]
     peak = (r["device_peak_bytes_in_use"] or 0) / 2**30
     print(f"{c['global_batch_size']:>5} {c['remat']:>13} {c['loss_chunk_size']:>5} "
-          f"{c['attention']:>6} {str(c['segment_ids']):>5} {r['tokens_per_sec']:>9.0f} "
+          f"{c['attention']:>6} {c['documents']:>4} {r['tokens_per_sec']:>9.0f} "
           f"{r['step_time_s']:>7.3f} {r['mfu']:>6.3f} {r['compile_s']:>9.1f} {peak:>8.1f}")
 EOF

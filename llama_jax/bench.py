@@ -21,21 +21,25 @@ from llama_jax.model import Llama
 
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up step); 0: compile only.")
-flags.DEFINE_bool("segment_ids", True, "Pass segment ids, as packed training data does (the "
-                  "attention keeps documents apart); false: plain causal attention per row.")
+flags.DEFINE_integer("documents", 1, "Documents per row of the synthetic batch, equal lengths, "
+                     "passed as segment ids as packed training data is; 0: no segment ids "
+                     "(plain causal attention over the whole row).")
 
-def synthetic_batch(mesh, batch_size, seq_len, vocab_size, segment_ids=True):
+
+def synthetic_batch(mesh, batch_size, seq_len, vocab_size, documents=1):
     tokens = jax.random.randint(jax.random.key(0), (batch_size, seq_len + 1), 0, vocab_size)
+    segment = jnp.arange(seq_len) * max(documents, 1) // seq_len  # 0-based document of each slot
+    start = jnp.searchsorted(segment, segment)  # where that document begins
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-             "positions": jnp.broadcast_to(jnp.arange(seq_len), (batch_size, seq_len)),
-             "segment_ids": jnp.ones((batch_size, seq_len), jnp.int32),
+             "positions": jnp.broadcast_to(jnp.arange(seq_len) - start, (batch_size, seq_len)),
+             "segment_ids": jnp.broadcast_to(segment + 1, (batch_size, seq_len)).astype(jnp.int32),
              "loss_mask": jnp.ones((batch_size, seq_len), jnp.float32)}
-    if not segment_ids:
+    if not documents:
         del batch["segment_ids"]
     return jax.device_put(batch, sharding.batch_sharding(mesh))
 
 
-def bench(config, steps, segment_ids=True):
+def bench(config, steps, documents=1):
     mesh = sharding.make_mesh(config.mesh)
     cfg = validate(config, mesh.devices.shape)
     seq_len, batch_size = config.data.seq_len, config.data.global_batch_size
@@ -43,7 +47,7 @@ def bench(config, steps, segment_ids=True):
     tx, schedule = optim.make_optimizer(config.train)
     abstract, shardings = train_step.state_shardings(model, tx, mesh, config.sharding_rules,
                                                      seq_len)
-    batch = synthetic_batch(mesh, batch_size, seq_len, cfg.vocab_size, segment_ids)
+    batch = synthetic_batch(mesh, batch_size, seq_len, cfg.vocab_size, documents)
     step_fn = train_step.jit_train_step(model, tx, schedule, mesh, shardings,
                                         config.train.loss_chunk_size)
 
@@ -56,7 +60,7 @@ def bench(config, steps, segment_ids=True):
         "config": {"dim": cfg.dim, "n_layers": cfg.n_layers, "seq_len": seq_len,
                    "global_batch_size": batch_size, "dtype": cfg.dtype, "remat": cfg.remat,
                    "scan_layers": cfg.scan_layers, "attention": cfg.attention_impl(seq_len),
-                   "segment_ids": segment_ids, "loss_chunk_size": config.train.loss_chunk_size,
+                   "documents": documents, "loss_chunk_size": config.train.loss_chunk_size,
                    "mesh": dict(mesh.shape)},
         "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",
         "compile_s": round(compile_s, 2),
@@ -104,7 +108,9 @@ def main(argv):
         raise app.UsageError("--config is required, e.g. --config=configs/cpu_bench.py")
     if flags.FLAGS.steps < 0:
         raise app.UsageError("--steps must be 0 (compile only) or more")
-    print(json.dumps(bench(flags.FLAGS.config, flags.FLAGS.steps, flags.FLAGS.segment_ids)))
+    if not 0 <= flags.FLAGS.documents <= flags.FLAGS.config.data.seq_len:
+        raise app.UsageError("--documents must be 0 (no segment ids) to data.seq_len")
+    print(json.dumps(bench(flags.FLAGS.config, flags.FLAGS.steps, flags.FLAGS.documents)))
 
 
 if __name__ == "__main__":
