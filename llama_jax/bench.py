@@ -19,12 +19,6 @@ from llama_jax.metrics import peak_flops
 from llama_jax.config import validate
 from llama_jax.model import Llama
 
-config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
-flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up step); 0: compile only.")
-flags.DEFINE_integer("documents", 1, "Documents per row of the synthetic batch, equal lengths, "
-                     "passed as segment ids as packed training data is; 0: no segment ids "
-                     "(plain causal attention over the whole row).")
-
 
 def synthetic_batch(mesh, batch_size, seq_len, vocab_size, documents=1):
     tokens = jax.random.randint(jax.random.key(0), (batch_size, seq_len + 1), 0, vocab_size)
@@ -101,6 +95,16 @@ def bench(config, steps, documents=1):
     return result
 
 
+def define_flags():
+    """Defined only when run as a program, so tests can import every entry point at once."""
+    config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
+                                    lock_config=True)
+    flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up step); 0: compile only.")
+    flags.DEFINE_integer("documents", 1, "Documents per row of the synthetic batch, equal "
+                         "lengths, passed as segment ids as packed training data is; 0: no "
+                         "segment ids (plain causal attention over the whole row).")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -114,4 +118,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
