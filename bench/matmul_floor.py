@@ -68,6 +68,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--library", choices=["jax", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be 1 or more (the floor takes the best of that many runs)")
     tokens = SHAPE["batch"] * SHAPE["seq"]
     flops = sum(c * b * 2 * m * k * n * (0.5 if b > 1 else 1.0) for c, b, m, k, n in gemms())
     result = {"shape": SHAPE, "matmul_gflop_per_step": round(flops / 1e9, 1)}

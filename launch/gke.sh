@@ -9,27 +9,10 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-NAME="" IMAGE="" TPU="" TOPOLOGY="" CONFIG="" WORKDIR="" CHIPS_PER_HOST=4 DRY_RUN=""
-EXTRA=()
+NAME="" IMAGE="" TPU="" TOPOLOGY="" CONFIG="" WORKDIR="" CHIPS_PER_HOST=4
 usage() { sed -n '2,8p' "$0" >&2; exit 2; }
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --name=*) NAME="${1#*=}" ;;
-    --image=*) IMAGE="${1#*=}" ;;
-    --tpu=*) TPU="${1#*=}" ;;
-    --topology=*) TOPOLOGY="${1#*=}" ;;
-    --config=*) CONFIG="${1#*=}" ;;
-    --workdir=*) WORKDIR="${1#*=}" ;;
-    --chips_per_host=*) CHIPS_PER_HOST="${1#*=}" ;;
-    --dry-run) DRY_RUN=1 ;;
-    --) shift; EXTRA=("$@"); break ;;
-    *) echo "error: unknown argument $1" >&2; usage ;;
-  esac
-  shift
-done
-for var in NAME IMAGE TPU TOPOLOGY CONFIG WORKDIR; do
-  [[ -n "${!var}" ]] || { echo "error: --${var,,}= is required" >&2; usage; }
-done
+parse_args "NAME IMAGE TPU TOPOLOGY CONFIG WORKDIR CHIPS_PER_HOST" "$@"
+require NAME IMAGE TPU TOPOLOGY CONFIG WORKDIR
 case "$TPU" in  # GKE's node label for each TPU generation
   v4) ACCELERATOR=tpu-v4-podslice ;;
   v5e) ACCELERATOR=tpu-v5-lite-podslice ;;
@@ -37,15 +20,14 @@ case "$TPU" in  # GKE's node label for each TPU generation
   v6e) ACCELERATOR=tpu-v6e-slice ;;
   *) echo "error: --tpu=$TPU is not one of v4, v5e, v5p, v6e" >&2; exit 2 ;;
 esac
-[[ "$WORKDIR" == gs://* ]] || { echo "error: --workdir=$WORKDIR must be a gs:// path" >&2; exit 2; }
+gcs_workdir
 CHIPS=$(( ${TOPOLOGY//x/*} ))
 (( CHIPS % CHIPS_PER_HOST == 0 )) || {
   echo "error: topology $TOPOLOGY has $CHIPS chips, not a multiple of --chips_per_host=$CHIPS_PER_HOST" >&2
   exit 2; }
-BUCKET="${WORKDIR#gs://}"; BUCKET="${BUCKET%%/*}"
 
-export NAME IMAGE TOPOLOGY CONFIG ACCELERATOR CHIPS_PER_HOST BUCKET
-export HOSTS=$(( CHIPS / CHIPS_PER_HOST )) MOUNTED_WORKDIR="/gcs/${WORKDIR#gs://}"
+export NAME IMAGE TOPOLOGY CONFIG ACCELERATOR CHIPS_PER_HOST BUCKET MOUNTED_WORKDIR
+export HOSTS=$(( CHIPS / CHIPS_PER_HOST ))
 TRAIN_FLAGS="$(python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "${EXTRA[@]}")"
 export TRAIN_FLAGS
 # string.Template fails on any ${FIELD} left unset, so a half-filled JobSet is never applied

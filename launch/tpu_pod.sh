@@ -11,32 +11,14 @@
 # reads and writes its workdir as a local path.
 set -euo pipefail
 
-NAME="" ZONE="" TYPE="" CONFIG="" WORKDIR="" DRY_RUN=""
-VERSION="v2-alpha-tpuv5"  # TPU VM runtime image; v4: tpu-ubuntu2204-base
-EXTRA=()
-usage() { sed -n '2,11p' "$0" >&2; exit 2; }
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --name=*) NAME="${1#*=}" ;;
-    --zone=*) ZONE="${1#*=}" ;;
-    --type=*) TYPE="${1#*=}" ;;
-    --version=*) VERSION="${1#*=}" ;;
-    --config=*) CONFIG="${1#*=}" ;;
-    --workdir=*) WORKDIR="${1#*=}" ;;
-    --dry-run) DRY_RUN=1 ;;
-    --) shift; EXTRA=("$@"); break ;;
-    *) echo "error: unknown argument $1" >&2; usage ;;
-  esac
-  shift
-done
-for var in NAME ZONE TYPE CONFIG WORKDIR; do
-  [[ -n "${!var}" ]] || { echo "error: --${var,,}= is required" >&2; usage; }
-done
-[[ "$WORKDIR" == gs://* ]] || { echo "error: --workdir=$WORKDIR must be a gs:// path" >&2; exit 2; }
-BUCKET="${WORKDIR#gs://}"; BUCKET="${BUCKET%%/*}"
-MOUNTED_WORKDIR="/gcs/${WORKDIR#gs://}"
-
 source "$(dirname "$0")/lib.sh"
+NAME="" ZONE="" TYPE="" CONFIG="" WORKDIR=""
+VERSION="v2-alpha-tpuv5"  # TPU VM runtime image; v4: tpu-ubuntu2204-base
+usage() { sed -n '2,11p' "$0" >&2; exit 2; }
+parse_args "NAME ZONE TYPE VERSION CONFIG WORKDIR" "$@"
+require NAME ZONE TYPE CONFIG WORKDIR
+gcs_workdir
+
 run() {  # prints the command; runs it unless --dry-run
   print_command "$@"
   [[ -n "$DRY_RUN" ]] || "$@"
