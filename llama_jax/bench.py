@@ -14,10 +14,8 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from llama_jax import optim, sharding, train_step
+from llama_jax import sharding, train_step
 from llama_jax.metrics import peak_flops
-from llama_jax.config import validate
-from llama_jax.model import Llama
 
 
 def synthetic_batch(mesh, batch_size, seq_len, vocab_size, documents=1):
@@ -34,26 +32,20 @@ def synthetic_batch(mesh, batch_size, seq_len, vocab_size, documents=1):
 
 
 def bench(config, steps, documents=1):
-    mesh = sharding.make_mesh(config.mesh)
-    cfg = validate(config, mesh.devices.shape)
+    step = train_step.build(config, sharding.make_mesh(config.mesh))
+    cfg, mesh = step.cfg, step.mesh
     seq_len, batch_size = config.data.seq_len, config.data.global_batch_size
-    model = Llama(cfg)
-    tx, schedule = optim.make_optimizer(config.train)
-    abstract, shardings = train_step.state_shardings(model, tx, mesh, config.sharding_rules,
-                                                     seq_len)
     batch = synthetic_batch(mesh, batch_size, seq_len, cfg.vocab_size, documents)
-    step_fn = train_step.jit_train_step(model, tx, schedule, mesh, shardings,
-                                        config.train.loss_chunk_size)
 
     start = time.perf_counter()
-    compiled = step_fn.lower(abstract, batch).compile()  # nothing allocated for the state yet
+    compiled = step.train_step.lower(step.abstract, batch).compile()  # no state allocated yet
     compile_s = time.perf_counter() - start
     # XLA's own plan: temp is the activations and workspace live at the peak, per device
     plan = compiled.memory_analysis()
     result = {
         "config": {"dim": cfg.dim, "n_layers": cfg.n_layers, "seq_len": seq_len,
                    "global_batch_size": batch_size, "dtype": cfg.dtype, "remat": cfg.remat,
-                   "scan_layers": cfg.scan_layers, "attention": cfg.attention_impl(seq_len),
+                   "scan_layers": cfg.scan_layers, "attention": cfg.attention,
                    "documents": documents, "loss_chunk_size": config.train.loss_chunk_size,
                    "mesh": dict(mesh.shape)},
         "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",
@@ -63,7 +55,7 @@ def bench(config, steps, documents=1):
     }
     if not steps:
         return result
-    state = train_step.init_state(jax.random.key(0), model, tx, shardings, seq_len)
+    state = step.init(jax.random.key(0))
     state, metrics = compiled(state, batch)  # warm-up: first-run allocations are not timed
     jax.block_until_ready(metrics)
     times = []

@@ -16,15 +16,11 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
-from jax.experimental import mesh_utils, topologies  # noqa: E402
-from jax.sharding import AxisType, Mesh  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from llama_jax import optim, sharding, train_step  # noqa: E402
-from llama_jax.config import validate  # noqa: E402
-from llama_jax.model import Llama  # noqa: E402
+from llama_jax import sharding, train_step  # noqa: E402
 
 
 GIB = 2 ** 30
@@ -60,42 +56,20 @@ def topology_devices(topology):
     return generation, topo.devices
 
 
-def abstract_batch(mesh, batch_size, seq_len):
-    shape, batch_sharding = (batch_size, seq_len), sharding.batch_sharding(mesh)
-    dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "positions": jnp.int32,
-              "segment_ids": jnp.int32, "loss_mask": jnp.float32}
-    return {k: jax.ShapeDtypeStruct(shape, d, sharding=batch_sharding) for k, d in dtypes.items()}
-
-
-def _target_attention(cfg, mesh, seq_len):
-    """The attention implementation the step compiles with for this mesh's platform."""
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        return cfg.attention_impl(seq_len)
-
-
 def compile_plan(config, topology):
     generation, devices = topology_devices(topology)
     chip = CHIPS[generation]
-    shape = sharding.mesh_shape(config.mesh, len(devices))
-    mesh = Mesh(mesh_utils.create_device_mesh(shape, devices), sharding.MESH_AXES,
-                axis_types=(AxisType.Auto,) * len(shape))
-    cfg = validate(config, shape)
-    seq_len, batch_size = config.data.seq_len, config.data.global_batch_size
-    model = Llama(cfg)
-    tx, schedule = optim.make_optimizer(config.train)
-    abstract, shardings = train_step.state_shardings(model, tx, mesh, config.sharding_rules,
-                                                     seq_len)
-    # the same jitted function train.py runs, lowered on abstract arrays: nothing is allocated
-    step_fn = train_step.jit_train_step(model, tx, schedule, mesh, shardings,
-                                        config.train.loss_chunk_size)
+    # the same jitted step train.py runs, lowered on abstract arrays: nothing is allocated
+    step = train_step.build(config, sharding.make_mesh(config.mesh, devices))
+    cfg, seq_len, batch_size = step.cfg, config.data.seq_len, config.data.global_batch_size
     # analytic count: XLA's cost_analysis counts a scanned layer body once, not n_layers times
     flops_per_step = cfg.flops_per_token(seq_len) * batch_size * seq_len
     roofline_s = flops_per_step / (len(devices) * chip["peak"])
     plan = {
         "topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
-        "mesh": dict(zip(sharding.MESH_AXES, shape)), "sharding_rules": config.sharding_rules,
+        "mesh": dict(step.mesh.shape), "sharding_rules": config.sharding_rules,
         "remat": cfg.remat, "loss_chunk_size": config.train.loss_chunk_size,
-        "attention": _target_attention(cfg, mesh, seq_len),
+        "attention": cfg.attention,
         "params": cfg.num_params(), "global_batch_size": batch_size, "seq_len": seq_len,
         "hbm_gib": chip["hbm"] / GIB, "flops_per_step": flops_per_step,
         "roofline_step_s": float(f"{roofline_s:.4g}"),
@@ -103,7 +77,7 @@ def compile_plan(config, topology):
     }
     start = time.perf_counter()
     try:
-        compiled = step_fn.lower(abstract, abstract_batch(mesh, batch_size, seq_len)).compile()
+        compiled = step.train_step.lower(step.abstract, step.abstract_batch()).compile()
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise

@@ -5,7 +5,7 @@ import dataclasses
 
 import ml_collections
 
-from llama_jax.model import ModelConfig
+from llama_jax.model import ModelConfig, resolve_attention
 
 
 def base_config(**model) -> ml_collections.ConfigDict:
@@ -57,19 +57,23 @@ def base_config(**model) -> ml_collections.ConfigDict:
     return c
 
 
-def model_config(config) -> ModelConfig:
-    """The one place where the loose config becomes a typed ModelConfig (unknown keys raise)."""
+def model_config(config, platform=None) -> ModelConfig:
+    """The one place where the loose config becomes a typed ModelConfig (unknown keys raise);
+    with the target platform, attention="auto" becomes that platform's implementation."""
     fields = config.model.to_dict()
     unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(ModelConfig)})
     if unknown:
         raise ValueError(f"config.model has unknown keys {unknown}: remove them or fix their "
                          "spelling (see llama_jax/model.py ModelConfig)")
-    return ModelConfig(**fields)
+    cfg = ModelConfig(**fields)
+    return cfg if platform is None else resolve_attention(cfg, platform, config.data.seq_len)
 
 
-def validate(config, mesh_sizes):
-    """One-line errors for settings that would otherwise fail deep inside XLA or silently."""
-    cfg = model_config(config)
+def validate(config, mesh):
+    """One-line errors for settings that would otherwise fail deep inside XLA or silently;
+    returns the ModelConfig resolved for the mesh's platform."""
+    cfg = model_config(config, mesh.devices.flat[0].platform)
+    mesh_sizes = mesh.devices.shape
     data, train = config.data, config.train
     sizes = dict(zip(("data", "fsdp", "tensor"), mesh_sizes))
     errors = []
@@ -99,7 +103,7 @@ def validate(config, mesh_sizes):
     if config.profile.steps and profile_range(config.profile.steps) is None:
         errors.append(f"profile.steps={config.profile.steps!r} is not START:END with "
                       "0 <= START < END, e.g. '10:15'")
-    if cfg.attention_impl(data.seq_len) == "splash" and data.seq_len % 128:
+    if cfg.attention == "splash" and data.seq_len % 128:
         errors.append(f"data.seq_len={data.seq_len} is not a multiple of 128, which splash "
                       "attention's blocks need: pick such a seq_len or model.attention='xla'")
     if train.loss_chunk_size and data.seq_len % train.loss_chunk_size:

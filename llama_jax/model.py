@@ -16,6 +16,8 @@ import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
+from llama_jax import sharding
+
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation: every activation is kept
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
@@ -30,13 +32,18 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 ATTENTION = ("auto", "xla", "cudnn", "splash")
 
 
-def target_platform():
-    """The platform being compiled for: the mesh's when tracing under one (train_step traces
-    under its mesh; an ahead-of-time compile for a TPU topology runs on a CPU host), else the
-    default backend."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = None if mesh.empty else mesh.abstract_device
-    return device.platform if device is not None else jax.default_backend()
+def resolve_attention(cfg, platform, seq_len=None):
+    """cfg with attention="auto" replaced by the implementation for `platform` ("cpu", "gpu",
+    "tpu"); seq_len None (generation: prompt lengths vary) never picks splash. Called once,
+    where a config meets its mesh; a ModelConfig still on "auto" runs the portable xla path."""
+    if cfg.attention != "auto":
+        return cfg
+    impl = "xla"
+    if platform == "gpu" and cfg.dtype in ("bfloat16", "float16"):
+        impl = "cudnn"  # cuDNN's fused kernel takes 16-bit inputs only
+    elif platform == "tpu" and seq_len is not None and seq_len % 128 == 0:
+        impl = "splash"  # its blocks are multiples of 128; otherwise auto falls back to xla
+    return dataclasses.replace(cfg, attention=impl)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,17 +93,6 @@ class ModelConfig:
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"model.{name}={getattr(self, name)!r} is unknown: use one of "
                                  f"{sorted(DTYPES)}")
-
-    def attention_impl(self, seq_len: int) -> str:
-        """The attention implementation this config runs with on the target platform."""
-        if self.attention != "auto":
-            return self.attention
-        platform = target_platform()
-        if platform == "gpu" and self.dtype in ("bfloat16", "float16"):
-            return "cudnn"  # cuDNN's fused kernel takes 16-bit inputs only
-        if platform == "tpu" and seq_len % 128 == 0:
-            return "splash"  # its blocks are multiples of 128; otherwise auto falls back to xla
-        return "xla"
 
     @property
     def head_dim(self) -> int:
@@ -197,6 +193,9 @@ def splash_attention(q, k, v, segment_ids):
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as splash, splash_attention_mask as masks)
     b, t, h, e = q.shape
+    # the layout of q/k/v in the step being traced (sharding.py decides it from logical names)
+    placed = sharding.activation_spec(("batch", "length", "heads", "head_dim"))
+    device = jax.devices()[0] if placed is None else placed[0].devices.flat[0]  # the target
     block = min(512, t)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                               block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
@@ -206,20 +205,17 @@ def splash_attention(q, k, v, segment_ids):
         causal = masks.MultiHeadMask([masks.CausalMask((t, t)) for _ in range(q.shape[2])])
         kernel = splash.make_splash_mha(causal, block_sizes=sizes, head_shards=1,
                                         q_seq_shards=1,
-                                        interpret=target_platform() != "tpu")
+                                        interpret=device.platform != "tpu")
         heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, T, N, E] -> [B, N, T, E]
         out = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=s1))(
             heads_first(q) * e ** -0.5, heads_first(k), heads_first(v),
             splash.SegmentIds(q=segment_ids, kv=segment_ids))
         return heads_first(out)
 
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
+    if placed is None or placed[0].size == 1:
         return run(q, k, v, segment_ids)
-    rows = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
-    heads = "tensor" if "tensor" in mesh.axis_names else None
-    spec = P(rows, None, heads, None)
-    return jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, P(rows, None)),
+    mesh, spec = placed
+    return jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, P(*spec[:2])),
                          out_specs=spec, check_vma=False)(q, k, v, segment_ids)
 
 
@@ -343,7 +339,7 @@ class Attention(nn.Module):
         q = rope(q, positions, cfg.rope_theta)
         key = rope(key, positions, cfg.rope_theta)
         if kv is None:
-            out = causal_attention(q, key, v, segment_ids, cfg.attention_impl(x.shape[1]))
+            out = causal_attention(q, key, v, segment_ids, cfg.attention if cfg.attention != "auto" else "xla")
         else:  # decoding attends over cache slots: always the reference (it is one query row)
             start = (0, index, 0, 0)
             key = jax.lax.dynamic_update_slice(kv[0], key.astype(kv[0].dtype), start)

@@ -4,11 +4,12 @@ The model only names logical axes; this module alone decides where they live. A 
 missing from the chosen rule table is an error, never a silent replication.
 """
 
+import contextvars
 import math
 
 import jax
-import numpy as np
 from flax import linen as nn
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -19,12 +20,13 @@ RULES = {
     # ZeRO-3 style: every matrix is split over fsdp along its model dim; the rest replicated.
     "fsdp": {
         "batch": BATCH, "embed": "fsdp", "vocab": None, "heads": None, "kv_heads": None,
-        "head_dim": None, "mlp": None, "norm": None, "layers": None,
+        "head_dim": None, "mlp": None, "norm": None, "layers": None, "length": None,
     },
     # fsdp plus Megatron tensor parallelism over heads, the ffn dim and the vocabulary.
     "fsdp_tp": {
         "batch": BATCH, "embed": "fsdp", "vocab": "tensor", "heads": "tensor",
         "kv_heads": "tensor", "head_dim": None, "mlp": "tensor", "norm": None, "layers": None,
+        "length": None,
     },
 }
 
@@ -53,13 +55,13 @@ def mesh_shape(mesh_config, num_devices):
 
 
 def make_mesh(mesh_config, devices=None):
-    devices = jax.devices() if devices is None else devices
+    """The mesh over `devices` (default: all), also TPU compile-only devices (compile.py)."""
+    devices = jax.devices() if devices is None else list(devices)
     shape = mesh_shape(mesh_config, len(devices))
+    # topology-aware order on TPU (neighbouring chips share an fsdp group); a reshape elsewhere
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     # Auto axes: XLA propagates shardings from the parameters and the batch (GSPMD).
-    auto = (AxisType.Auto,) * len(MESH_AXES)
-    if len(devices) == len(jax.devices()):
-        return jax.make_mesh(shape, MESH_AXES, auto, devices=devices)  # topology-aware order
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def logical_to_mesh(spec, rules):
@@ -81,9 +83,7 @@ def tree_shardings(abstract_boxed_tree, mesh, rules_name):
 
     Leaves without logical names (step counters, optimizer counts) are replicated.
     """
-    if rules_name not in RULES:
-        raise ValueError(f"sharding rules {rules_name!r} are unknown: use one of {sorted(RULES)}")
-    rules = RULES[rules_name]
+    rules = rules_for(rules_name)
 
     def to_sharding(path, spec, leaf):
         named = NamedSharding(mesh, logical_to_mesh(spec, rules))
@@ -108,3 +108,39 @@ def batch_sharding(mesh):
 
 def replicated(mesh):
     return NamedSharding(mesh, P())
+
+
+# (mesh, rules) of the step being traced: set by traced_under, read by activation_spec
+_ACTIVE = contextvars.ContextVar("llama_jax_sharding", default=None)
+
+
+def traced_under(mesh, rules_name, fn):
+    """fn, traced with `mesh` and the rule preset active, so the model's activation layouts
+    (activation_spec) are decided here from logical names. jit caches a trace, so the context
+    must be set inside the traced function, never around a call site."""
+    rules = rules_for(rules_name)
+
+    def traced(*args):
+        token = _ACTIVE.set((mesh, rules))
+        try:
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                return fn(*args)
+        finally:
+            _ACTIVE.reset(token)
+    return traced
+
+
+def activation_spec(names):
+    """(mesh, PartitionSpec) for an activation with these logical axis names in the step being
+    traced, or None outside one (init, generation on a single device, tests of the layers)."""
+    active = _ACTIVE.get()
+    if active is None:
+        return None
+    mesh, rules = active
+    return mesh, logical_to_mesh(names, rules)
+
+
+def rules_for(rules_name):
+    if rules_name not in RULES:
+        raise ValueError(f"sharding rules {rules_name!r} are unknown: use one of {sorted(RULES)}")
+    return RULES[rules_name]

@@ -17,11 +17,10 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from llama_jax import checkpoint, distributed, optim, sharding, train_step
-from llama_jax.config import profile_range, validate
+from llama_jax import checkpoint, distributed, sharding, train_step
+from llama_jax.config import profile_range
 from llama_jax.data import pipeline, tokenizer as tokenizer_lib
 from llama_jax.metrics import MetricsWriter, peak_flops
-from llama_jax.model import Llama
 
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: tokenizer, metrics.jsonl, checkpoints.")
@@ -107,18 +106,14 @@ def train(config, workdir):
     workdir = pathlib.Path(workdir)
 
     # Phase 1: mesh and validated settings.
-    mesh = sharding.make_mesh(config.mesh)
-    cfg = validate(config, mesh.devices.shape)
+    step = train_step.build(config, sharding.make_mesh(config.mesh))
+    cfg, mesh, abstract = step.cfg, step.mesh, step.abstract
     data, tc = config.data, config.train
     data_shards = pipeline.process_shards(data, jax.process_index(), jax.process_count())[1]
     logging.info("mesh %s over %d devices; model %s, %.1fM parameters", dict(mesh.shape),
                  mesh.size, cfg, cfg.num_params() / 1e6)
 
     # Phase 2: model, optimizer, abstract state and its shardings (no memory used yet).
-    model = Llama(cfg)
-    tx, schedule = optim.make_optimizer(tc)
-    abstract, shardings = train_step.state_shardings(model, tx, mesh, config.sharding_rules,
-                                                     data.seq_len)
     check_workdir(workdir, sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract)))
 
     # Phase 3: tokenizer and data, each process reading its own data shards.
@@ -147,14 +142,12 @@ def train(config, workdir):
             truncate_metrics(workdir / "metrics.jsonl", latest)
         logging.info("resumed from step %d in %s", latest, ckpt.mngr.directory)
     else:
-        state = train_step.init_state(jax.random.key(tc.seed), model, tx, shardings,
-                                      data.seq_len)
+        state = step.init(jax.random.key(tc.seed))
         if config.init_from:
             state = state.replace(params=checkpoint.restore_params(config.init_from, abstract))
 
     # Phase 5: the loop.
-    step_fn = train_step.jit_train_step(model, tx, schedule, mesh, shardings, tc.loss_chunk_size)
-    eval_fn = train_step.jit_eval_step(model, mesh, shardings, tc.loss_chunk_size)
+    step_fn, eval_fn = step.train_step, step.eval_step
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0, total_steps=tc.steps,
                            config_text=str(config))
     flops_per_token = cfg.flops_per_token(data.seq_len)

@@ -5,6 +5,7 @@ Every function here is pure. State is created straight into sharded memory: the 
 jitted with those as out_shardings, so no host ever holds a full copy of the parameters.
 """
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -14,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llama_jax import sharding
+from llama_jax import optim, sharding
+from llama_jax.config import validate
+from llama_jax.model import Llama, ModelConfig
 
 
 @flax.struct.dataclass
@@ -92,12 +95,17 @@ def _nll_sum_bwd(chunk, res, g):
 _nll_sum.defvjp(_nll_sum_fwd, _nll_sum_bwd)
 
 
-def loss_fn(params, batch, model, chunk_size):
-    """(mean loss, token count) of a batch."""
+def summed_loss(params, batch, model, chunk_size):
+    """(summed next-token loss, token count) of a batch: the forward pass both steps share."""
     hidden = model.apply({"params": params}, batch["inputs"], batch["positions"],
                          batch.get("segment_ids"), return_hidden=True)
-    total, count = cross_entropy(hidden, params["output"], batch["targets"], batch["loss_mask"],
-                                 chunk_size)
+    return cross_entropy(hidden, params["output"], batch["targets"], batch["loss_mask"],
+                         chunk_size)
+
+
+def loss_fn(params, batch, model, chunk_size):
+    """(mean loss, token count) of a batch."""
+    total, count = summed_loss(params, batch, model, chunk_size)
     return total / jnp.maximum(count, 1.0), count
 
 
@@ -122,10 +130,7 @@ def train_step(state, batch, *, model, tx, schedule, chunk_size):
 
 def eval_step(params, batch, *, model, chunk_size):
     """Summed loss and token count, so batches average exactly."""
-    hidden = model.apply({"params": params}, batch["inputs"], batch["positions"],
-                         batch.get("segment_ids"), return_hidden=True)
-    total, count = cross_entropy(hidden, params["output"], batch["targets"], batch["loss_mask"],
-                                 chunk_size)
+    total, count = summed_loss(params, batch, model, chunk_size)
     return {"loss_sum": total, "tokens": count}
 
 
@@ -145,33 +150,60 @@ def state_shardings(model, tx, mesh, rules_name, seq_len):
     return abstract, shardings
 
 
-def init_state(rng, model, tx, shardings, seq_len):
-    """Fresh TrainState, each array created directly with its sharding."""
-    init = jax.jit(lambda r: nn.unbox(_boxed_init(r, model, tx, seq_len)),
-                   out_shardings=shardings)
-    return init(rng)
+BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "positions": jnp.int32,
+                "segment_ids": jnp.int32, "loss_mask": jnp.float32}
 
 
-def _traced_under(mesh, fn):
-    """fn traced with the mesh as context, so model code that must place work per device
-    (splash attention's shard_map) can see it."""
-    def traced(*args):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return fn(*args)
-    return traced
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """What every user of the train step needs (train, bench, compile, tests), built once from a
+    config and a mesh by build(). Nothing here holds device memory until init() is called."""
+    config: Any  # the ml_collections config it was built from
+    cfg: ModelConfig  # attention resolved for the mesh's platform
+    model: Llama
+    mesh: jax.sharding.Mesh
+    tx: optax.GradientTransformation
+    schedule: Any
+    abstract: TrainState  # ShapeDtypeStructs that carry their shardings
+    shardings: TrainState  # NamedSharding of every state leaf
+    train_step: Any  # jitted (state, batch) -> (state, metrics), the state donated
+    eval_step: Any  # jitted (params, batch) -> {"loss_sum", "tokens"}
+
+    def init(self, rng):
+        """A fresh TrainState, each array created directly with its sharding."""
+        seq_len = self.config.data.seq_len
+        init = jax.jit(lambda r: nn.unbox(_boxed_init(r, self.model, self.tx, seq_len)),
+                       out_shardings=self.shardings)
+        return init(rng)
+
+    def abstract_batch(self):
+        """The global batch as ShapeDtypeStructs, for lowering without data."""
+        shape = (self.config.data.global_batch_size, self.config.data.seq_len)
+        batch_sharding = sharding.batch_sharding(self.mesh)
+        return {k: jax.ShapeDtypeStruct(shape, d, sharding=batch_sharding)
+                for k, d in BATCH_DTYPES.items()}
 
 
-def jit_train_step(model, tx, schedule, mesh, shardings, chunk_size=0):
-    step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                             chunk_size=chunk_size)
-    # one sharding for the whole batch dict: every entry is [B, T] split the same way
-    return jax.jit(_traced_under(mesh, step),
-                   in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-
-
-def jit_eval_step(model, mesh, shardings, chunk_size=0):
-    step = functools.partial(eval_step, model=model, chunk_size=chunk_size)
-    return jax.jit(_traced_under(mesh, step),
-                   in_shardings=(shardings.params, sharding.batch_sharding(mesh)),
-                   out_shardings=sharding.replicated(mesh))
+def build(config, mesh) -> Step:
+    """validate -> Llama -> optimizer -> abstract state and shardings -> jitted steps."""
+    cfg = validate(config, mesh)
+    model = Llama(cfg)
+    tx, schedule = optim.make_optimizer(config.train)
+    abstract, shardings = state_shardings(model, tx, mesh, config.sharding_rules,
+                                          config.data.seq_len)
+    chunk_size = config.train.loss_chunk_size
+    rules = config.sharding_rules
+    train = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                              chunk_size=chunk_size)
+    evaluate = functools.partial(eval_step, model=model, chunk_size=chunk_size)
+    batch_sharding = sharding.batch_sharding(mesh)  # every batch entry is [B, T] split alike
+    return Step(
+        config=config, cfg=cfg, model=model, mesh=mesh, tx=tx, schedule=schedule,
+        abstract=abstract, shardings=shardings,
+        train_step=jax.jit(sharding.traced_under(mesh, rules, train),
+                           in_shardings=(shardings, batch_sharding),
+                           out_shardings=(shardings, sharding.replicated(mesh)),
+                           donate_argnums=0),
+        eval_step=jax.jit(sharding.traced_under(mesh, rules, evaluate),
+                          in_shardings=(shardings.params, batch_sharding),
+                          out_shardings=sharding.replicated(mesh)))

@@ -2,11 +2,10 @@
 
 import math
 
-import jax
 import numpy as np
 
 from helpers import micro_config
-from llama_jax import bench, sharding
+from llama_jax import bench, sharding, train_step
 
 
 def test_synthetic_batch_packs_equal_documents_with_restarting_positions():
@@ -30,7 +29,7 @@ def test_bench_reports_throughput_mfu_and_memory_on_a_sharded_mesh():
     step_tokens = config.data.global_batch_size * config.data.seq_len
     assert math.isclose(result["tokens_per_sec"], step_tokens / result["step_time_s"], rel_tol=1e-2)
     assert 0 < result["mfu"] and math.isfinite(result["final_loss"])
-    cfg = bench.validate(config, (2, 2, 2))
+    cfg = train_step.build(config, sharding.make_mesh(config.mesh)).cfg
     assert result["flops_per_token"] == cfg.flops_per_token(config.data.seq_len)
     compile_only = bench.bench(config, steps=0)
     assert "tokens_per_sec" not in compile_only and compile_only["compiled_temp_mib"] > 0

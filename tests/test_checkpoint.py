@@ -15,11 +15,9 @@ import numpy as np
 import pytest
 
 from helpers import ROOT, micro_config, random_batch
-from llama_jax import checkpoint, optim, sharding, train_step
-from llama_jax.config import model_config
+from llama_jax import checkpoint, sharding, train_step
 from llama_jax.data import corpus, tokenizer
 from llama_jax.metrics import read_metrics
-from llama_jax.model import Llama
 from llama_jax.train import train
 
 
@@ -47,10 +45,7 @@ def run_copy(base_run, tmp_path):
 
 
 def restored_params(workdir, config, step):
-    model = Llama(model_config(config))
-    tx, _ = optim.make_optimizer(config.train)
-    mesh = sharding.make_mesh(config.mesh)
-    abstract, _ = train_step.state_shardings(model, tx, mesh, "fsdp", config.data.seq_len)
+    abstract = train_step.build(config, sharding.make_mesh(config.mesh)).abstract
     ckpt = checkpoint.Checkpointer(workdir)
     state = ckpt.restore(step, abstract)
     ckpt.close()
@@ -100,12 +95,8 @@ def test_abort_names_the_steps_and_the_last_good_checkpoint(run_copy, monkeypatc
 
 def test_train_step_skip_keeps_every_leaf_bit_identical():
     config = micro_config()
-    model = Llama(model_config(config))
-    tx, schedule = optim.make_optimizer(config.train)
-    mesh = sharding.make_mesh({"fsdp": -1})
-    _, shardings = train_step.state_shardings(model, tx, mesh, "fsdp", 32)
-    state = train_step.init_state(jax.random.key(0), model, tx, shardings, 32)
-    step = train_step.jit_train_step(model, tx, schedule, mesh, shardings)
+    built = train_step.build(config, sharding.make_mesh({"fsdp": -1}))
+    state, step = built.init(jax.random.key(0)), built.train_step
     batch = random_batch(jax.random.key(1), 8, 32, 512)
     state, _ = step(state, batch)
     before = jax.device_get(state)

@@ -256,8 +256,7 @@ def test_bfloat16_checkpoints_stay_bfloat16_bit_exactly(tmp_path):
 
 def test_a_converted_workdir_starts_a_training_run_via_init_from(tmp_path):
     from helpers import micro_config
-    from llama_jax import checkpoint, optim, sharding, train_step
-    from llama_jax.config import validate
+    from llama_jax import checkpoint, sharding, train_step
     config = micro_config()  # V=512 D=64 L=2 H=4 K=2 F=128, as the HF model below
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
@@ -268,16 +267,14 @@ def test_a_converted_workdir_starts_a_training_run_via_init_from(tmp_path):
     cfg, params = convert.load_hf(tmp_path / "hf")
     convert.save_workdir(cfg, params, tmp_path / "wd")
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    tx, _ = optim.make_optimizer(config.train)
-    abstract, _ = train_step.state_shardings(Llama(validate(config, mesh.devices.shape)), tx,
-                                             mesh, "fsdp_tp", config.data.seq_len)
+    config.sharding_rules = "fsdp_tp"
+    abstract = train_step.build(config, mesh).abstract
     restored = checkpoint.restore_params(tmp_path / "wd", abstract)
     assert restored["output"].sharding.spec == abstract.params["output"].sharding.spec
     tokens = tokens_for(model)
     np.testing.assert_allclose(our_logits(cfg, jax.device_get(restored), tokens),
                                hf_logits(model, tokens), atol=1e-5, rtol=0)
     wrong = micro_config(ffn_dim=192)
-    abstract, _ = train_step.state_shardings(Llama(validate(wrong, mesh.devices.shape)), tx,
-                                             mesh, "fsdp", config.data.seq_len)
+    abstract = train_step.build(wrong, mesh).abstract
     with pytest.raises(checkpoint.CheckpointError, match=r"\['w1'\] has shape \(2, 64, 128\)"):
         checkpoint.restore_params(tmp_path / "wd", abstract)

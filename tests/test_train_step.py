@@ -12,17 +12,15 @@ from llama_jax.model import Llama
 def run_steps(config, mesh_config, rules, batches):
     size = int(np.prod(list(mesh_config.values())))
     mesh = sharding.make_mesh(mesh_config, jax.devices()[:size] if size > 0 else None)
-    model = Llama(model_config(config))
-    tx, schedule = optim.make_optimizer(config.train)
-    _, shardings = train_step.state_shardings(model, tx, mesh, rules, config.data.seq_len)
-    state = train_step.init_state(jax.random.key(0), model, tx, shardings, config.data.seq_len)
-    step = train_step.jit_train_step(model, tx, schedule, mesh, shardings,
-                                     config.train.loss_chunk_size)
+    config.sharding_rules = rules
+    step = train_step.build(config, mesh)
+    state = step.init(jax.random.key(0))
     history = []
     for batch in batches:
-        state, metrics = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
+        state, metrics = step.train_step(state, jax.device_put(batch,
+                                                               sharding.batch_sharding(mesh)))
         history.append(jax.device_get(metrics))
-    return state, history, step
+    return state, history, step.train_step
 
 
 def batches(config, n, same=False):
