@@ -2,6 +2,8 @@
 validated settings. Config files in configs/ call `base_config()` and change what differs."""
 
 import dataclasses
+import importlib.util
+import pathlib
 
 import ml_collections
 
@@ -55,6 +57,18 @@ def base_config(**model) -> ml_collections.ConfigDict:
     ))
     c.init_from = ""  # another run's workdir: start from its params (fresh optimizer and step)
     return c
+
+
+def load_config(path) -> ml_collections.ConfigDict:
+    """get_config() of a configs/*.py file, for code that takes a path rather than --config."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found: pass a configs/*.py path "
+                                "(relative paths start at the current directory)")
+    spec = importlib.util.spec_from_file_location(f"llama_jax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def model_config(config, platform=None) -> ModelConfig:

@@ -9,7 +9,6 @@ with an `.args` tuple.
 """
 
 import functools
-import importlib.util
 import pathlib
 
 import jax
@@ -56,10 +55,8 @@ class LlamaJaxLM(LM):
             super().__init__()
         from llama_jax.data.tokenizer import load_tokenizer
         if isinstance(config, str):  # a configs/*.py path, as given in --model_args
-            spec = importlib.util.spec_from_file_location("lm_eval_model_config", config)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            config = module.get_config()
+            from llama_jax.config import load_config
+            config = load_config(config)
         self.cfg, params, tok_path = gen.load_model(workdir, hf, config)
         if not pathlib.Path(tok_path).exists():
             raise FileNotFoundError(f"{tok_path} is missing: put the model's tokenizer.model "

@@ -10,7 +10,6 @@ built-in corpus); all are evaluated on the same validation batches. Writes DIR/s
 DIR/scaling.md and DIR/scaling.png. Rerunning resumes unfinished sizes and skips finished ones.
 """
 
-import importlib.util
 import json
 import math
 import pathlib
@@ -21,7 +20,7 @@ import time
 from absl import app, flags, logging
 
 from llama_jax import plot
-from llama_jax.config import model_config
+from llama_jax.config import load_config, model_config
 from llama_jax.data import tokenizer as tokenizer_lib
 from llama_jax.metrics import read_metrics
 from llama_jax.train import train  # also defines the --config and --workdir flags used here
@@ -194,24 +193,13 @@ def study_figure(results, curves, budget):
     return fig
 
 
-def load_default_config():
-    path = pathlib.Path(DEFAULT_CONFIG)
-    if not path.is_file():
-        raise FileNotFoundError(f"{DEFAULT_CONFIG} not found: run from the repository root or "
-                                "pass --config=PATH")
-    spec = importlib.util.spec_from_file_location("scaling_base_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def main(argv):
     fl = flags.FLAGS
     if len(argv) > 1 or not fl.workdir:
         raise app.UsageError("usage: python -m llama_jax.scaling --budget=FLOPS "
                              "--sizes=DIMxLAYERS,... --workdir=DIR [--config=configs/tiny.py]")
     try:
-        base = fl.config if fl.config is not None else load_default_config()
+        base = fl.config if fl.config is not None else load_config(DEFAULT_CONFIG)
         study = run_study(base, fl.budget, fl.sizes, fl.workdir)
     except (ImportError, ValueError, KeyError, OSError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

@@ -1,21 +1,18 @@
 """Small shared pieces for the tests: a micro config and random batches."""
 
-import importlib.util
 import pathlib
 
 import jax
 import jax.numpy as jnp
 
+from llama_jax import config as config_lib
 from llama_jax.config import base_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(path):
-    spec = importlib.util.spec_from_file_location("config_under_test", ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_lib.load_config(ROOT / path)
 
 
 def micro_config(**model):
