@@ -2,7 +2,7 @@
 
 Point DATA at your copies (a local path or gs://bucket/...): TFDS datasets prepared under
 DATA/tfds, the rest as JSON lines. Train the tokenizer on this mixture once, then train:
-  python -m llama_jax.tokenizer train --config=configs/data_llama_mixture.py \
+  python -m llama_jax.data.tokenizer train --config=configs/data_llama_mixture.py \
       --output=gs://BUCKET/llama_mix/tokenizer.model
   python -m llama_jax.train --config=configs/data_llama_mixture.py \
       --config.data.tokenizer_path=gs://BUCKET/llama_mix/tokenizer.model \

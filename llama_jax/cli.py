@@ -6,8 +6,8 @@ import runpy
 import sys
 
 COMMANDS = {name: f"llama_jax.{name}" for name in (
-    "train", "bench", "tokenizer", "data", "convert", "generate", "evaluate", "plot",
-    "scaling", "compile")}
+    "train", "bench", "data", "convert", "generate", "evaluate", "plot", "scaling", "compile")}
+COMMANDS["tokenizer"] = "llama_jax.data.tokenizer"
 
 
 def lm_eval():

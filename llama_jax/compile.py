@@ -21,25 +21,19 @@ from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from llama_jax import sharding, train_step  # noqa: E402
+from llama_jax.metrics import CHIPS, GIB  # noqa: E402
 
 
-GIB = 2 ** 30
-# per chip: HBM bytes and dense bf16 peak FLOP/s (datasheets; v6e = Trillium)
-CHIPS = {
-    "v4": {"hbm": 32 * GIB, "peak": 275e12},
-    "v5e": {"hbm": 16 * GIB, "peak": 197e12},
-    "v5p": {"hbm": 95 * GIB, "peak": 459e12},
-    "v6e": {"hbm": 32 * GIB, "peak": 918e12},
-}
+TPUS = [name for name in CHIPS if name.startswith("v")]
 INSTALL = "pip install 'llama_jax[tpu]' (or: pip install 'jax[tpu]==0.10.2')"
 
 
 def topology_devices(topology):
     """'v5p:2x2x1' -> (generation, compile-only devices, one per chip)."""
     generation, _, chips = topology.partition(":")
-    if generation not in CHIPS or not chips:
+    if generation not in TPUS or not chips:
         raise ValueError(f"--topology={topology!r} is not GENERATION:CHIPS with GENERATION one of "
-                         f"{sorted(CHIPS)}, e.g. v5p:2x2x1 or v5e:4x4")
+                         f"{TPUS}, e.g. v5p:2x2x1 or v5e:4x4")
     if importlib.util.find_spec("libtpu") is None:
         raise ValueError(f"compiling for a TPU topology needs libtpu, which is not installed: "
                          f"{INSTALL}")

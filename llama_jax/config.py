@@ -7,6 +7,7 @@ import pathlib
 
 import ml_collections
 
+from llama_jax.data import tokenizer
 from llama_jax.model import ModelConfig, resolve_attention
 
 
@@ -29,7 +30,7 @@ def base_config(**model) -> ml_collections.ConfigDict:
         seq_len=2048,
         global_batch_size=2048,  # sequences; 2048 x 2048 = the paper's 4M tokens per batch
         shuffle_buffer=1024,
-        tokenizer_path="",  # a trained .model (python -m llama_jax.tokenizer train); "" = below
+        tokenizer_path="",  # a trained .model (python -m llama_jax.data.tokenizer train); "" = below
         tokenizer_vocab_size=32000,  # SentencePiece BPE trained on first use, cached in workdir
         tokenizer_sample_lines=2_000_000,
         seed=0,
@@ -56,6 +57,7 @@ def base_config(**model) -> ml_collections.ConfigDict:
         steps="",  # "START:END" captures a JAX profiler trace into WORKDIR/tensorboard
     ))
     c.init_from = ""  # another run's workdir: start from its params (fresh optimizer and step)
+    c.lock()  # a misspelt key in a config file fails as it does on the command line
     return c
 
 
@@ -101,9 +103,11 @@ def validate(config, mesh):
     if data.seq_len > cfg.max_seq_len:
         errors.append(f"data.seq_len={data.seq_len} exceeds model.max_seq_len="
                       f"{cfg.max_seq_len}: lower seq_len or raise max_seq_len")
-    if data.tokenizer_vocab_size > cfg.vocab_size:
-        errors.append(f"data.tokenizer_vocab_size={data.tokenizer_vocab_size} exceeds "
-                      f"model.vocab_size={cfg.vocab_size}: the model could not embed every token")
+    try:
+        tokenizer.check_fits(data.tokenizer_vocab_size, cfg.vocab_size,
+                             "data.tokenizer_vocab_size")
+    except ValueError as e:
+        errors.append(str(e))
     for name in ("steps", "lr"):
         if train[name] <= 0:
             errors.append(f"train.{name}={train[name]} must be positive")

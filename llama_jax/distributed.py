@@ -50,7 +50,7 @@ def initialize(coordinator=None, num_processes=None, process_id=None):
 
 
 def initialize_from_flags():
-    """The flags, else the LLAMA_JAX_* variables that llama_jax.launch.local sets."""
+    """The flags, else the LLAMA_JAX_* variables that launch/local.py sets."""
     def pick(flag, env, kind):
         value = getattr(flags.FLAGS, flag)
         if value is None and os.environ.get(env):

@@ -14,9 +14,19 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-# Dense bf16 datasheet peaks per chip, FLOP/s.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
-              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12}
+GIB = 2 ** 30
+# Per chip, from the datasheets: dense bf16 peak FLOP/s, HBM bytes, and the device_kind strings
+# JAX reports for it (matched in this order, so "TPU v5 lite" is v5e before "TPU v5" is v5p).
+# compile.py names TPU generations by these keys (v5p:2x2x1); MFU looks chips up by kind.
+CHIPS = {
+    "v4": {"peak": 275e12, "hbm": 32 * GIB, "kinds": ("TPU v4",)},
+    "v5e": {"peak": 197e12, "hbm": 16 * GIB, "kinds": ("TPU v5 lite", "TPU v5e")},
+    "v5p": {"peak": 459e12, "hbm": 95 * GIB, "kinds": ("TPU v5p", "TPU v5")},
+    "v6e": {"peak": 918e12, "hbm": 32 * GIB, "kinds": ("TPU v6 lite", "TPU v6e")},
+    "H100": {"peak": 989e12, "hbm": 80e9, "kinds": ("H100",)},
+    "H200": {"peak": 989e12, "hbm": 141e9, "kinds": ("H200",)},
+    "A100": {"peak": 312e12, "hbm": 80e9, "kinds": ("A100",)},
+}
 
 
 @functools.lru_cache(maxsize=None)  # measured once per process
@@ -37,11 +47,34 @@ def peak_flops(device):
     """(peak FLOP/s of one device, where the number comes from)."""
     if device.platform == "cpu":
         return measured_cpu_peak(), "measured float32 matmul"
-    for name, peak in PEAK_FLOPS.items():
-        if name in device.device_kind:
-            return peak, f"{device.device_kind} bf16 datasheet"
-    raise ValueError(f"no peak FLOP/s known for {device.device_kind!r}: add it to PEAK_FLOPS "
+    for chip in CHIPS.values():
+        if any(kind in device.device_kind for kind in chip["kinds"]):
+            return chip["peak"], f"{device.device_kind} bf16 datasheet"
+    raise ValueError(f"no peak FLOP/s known for {device.device_kind!r}: add it to CHIPS "
                      "in llama_jax/metrics.py")
+
+
+class Throughput:
+    """Tokens/s, step time and MFU over the steps counted since the last report or reset."""
+
+    def __init__(self, tokens_per_step, flops_per_token, num_devices):
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.peak = peak_flops(jax.devices()[0])[0] * num_devices
+        self.reset()
+
+    def reset(self):
+        self.start, self.steps = time.time(), 0
+
+    def count(self):
+        self.steps += 1
+
+    def report(self):
+        """Call once the counted steps have finished (after fetching their metrics)."""
+        elapsed, steps = time.time() - self.start, self.steps
+        self.reset()
+        tokens_per_sec = steps * self.tokens_per_step / elapsed
+        return {"tokens_per_sec": tokens_per_sec, "step_time_s": elapsed / max(steps, 1),
+                "mfu": tokens_per_sec * self.flops_per_token / self.peak}
 
 
 def _duration(seconds):
@@ -101,3 +134,14 @@ class MetricsWriter:
 def read_metrics(workdir):
     path = pathlib.Path(workdir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(path, last_step):
+    """Drops records past the restored step, so a resumed run's log reads as one run."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)

@@ -18,12 +18,13 @@ import sys
 import time
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from llama_jax import plot
 from llama_jax.config import load_config, model_config
 from llama_jax.data import tokenizer as tokenizer_lib
 from llama_jax.metrics import read_metrics
-from llama_jax.train import train  # also defines the --config and --workdir flags used here
+from llama_jax.train import train
 
 DEFAULT_CONFIG = "configs/tiny.py"
 DEFAULT_SIZES = ["128x2", "192x3", "256x4", "384x6"]
@@ -34,6 +35,9 @@ EVALS = 4  # evaluations per run after the one at step 0: enough points for a cu
 
 def define_flags():
     """Only when run as a program, like the other entry points' own flags."""
+    config_flags.DEFINE_config_file("config", None, "Base config (default configs/tiny.py).",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Study directory: one run per size, results.")
     flags.DEFINE_float("budget", DEFAULT_BUDGET, "Training FLOPs per model size.")
     flags.DEFINE_list("sizes", DEFAULT_SIZES, "Model sizes as DIMxLAYERS, e.g. 256x4.")
 

@@ -1,11 +1,12 @@
 """Training entry point: python -m llama_jax.train --config=configs/tiny.py --workdir=runs/tiny
 
-One linear function of named phases: workdir -> mesh -> tokenizer and data -> abstract state
-and shardings -> init, restore or init_from -> loop (log, evaluate, checkpoint, preemption).
-Rerunning the same command on the same workdir resumes from its latest committed checkpoint.
+One linear function of named phases: the step (mesh, model, optimizer, abstract state) ->
+workdir -> tokenizer and data -> init, restore or init_from -> loop (log, evaluate, checkpoint,
+preemption). Rerunning the same command on the same workdir resumes from its latest committed
+checkpoint.
 """
 
-import json
+import contextlib
 import pathlib
 import shutil
 import signal
@@ -20,22 +21,19 @@ from ml_collections import config_flags
 from llama_jax import checkpoint, distributed, sharding, train_step
 from llama_jax.config import profile_range
 from llama_jax.data import pipeline, tokenizer as tokenizer_lib
-from llama_jax.metrics import MetricsWriter, peak_flops
-
-config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory: tokenizer, metrics.jsonl, checkpoints.")
+from llama_jax.metrics import MetricsWriter, Throughput, truncate_metrics
 
 
 class Preempted(SystemExit):
     """Raised after the preemption checkpoint is committed; exits non-zero."""
 
 
-def evaluate(eval_fn, params, dataset, mesh, num_batches):
+def validation_loss(eval_step, params, dataset, mesh, num_batches):
     """Token-weighted mean validation loss over the first num_batches batches."""
     total = count = 0.0
-    batches = pipeline.global_batches(dataset.take(num_batches), sharding.batch_sharding(mesh))
-    for batch in batches:
-        out = eval_fn(params, batch)
+    for batch in pipeline.global_batches(dataset.take(num_batches),
+                                         sharding.batch_sharding(mesh)):
+        out = eval_step(params, batch)
         total += float(out["loss_sum"])
         count += float(out["tokens"])
     if not count:
@@ -44,7 +42,7 @@ def evaluate(eval_fn, params, dataset, mesh, num_batches):
     return total / count
 
 
-def check_workdir(workdir, state_bytes):
+def check_workdir(workdir, abstract_state):
     """Fails before any compile when the workdir cannot hold the run's files."""
     if workdir.exists() and not workdir.is_dir():
         raise NotADirectoryError(f"--workdir={workdir} is a file: pass a directory path")
@@ -56,6 +54,7 @@ def check_workdir(workdir, state_bytes):
     except OSError as e:
         raise PermissionError(f"--workdir={workdir} is not writable ({e.strerror}): fix its "
                               "permissions or pick another directory") from e
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
     free = shutil.disk_usage(workdir).free
     need = 2 * state_bytes // jax.process_count()  # a new checkpoint beside the previous one
     if free < need:
@@ -63,177 +62,185 @@ def check_workdir(workdir, state_bytes):
                       f"needs about {need / 2**30:.2f} GiB: free space or use another disk")
 
 
-def shared_tokenizer(workdir, data, vocab_size):
-    """Process 0 trains the tokenizer of a fresh workdir while the others wait, then all read it."""
-    if jax.process_count() > 1 and not data.tokenizer_path:
-        if jax.process_index() == 0:
-            tokenizer_lib.get_tokenizer(workdir, data, vocab_size)
-        distributed.barrier("tokenizer")
-        if not (workdir / "tokenizer.model").exists():
-            raise OSError(f"process {jax.process_index()} cannot see {workdir}/tokenizer.model "
-                          "that process 0 wrote: --workdir must be a directory every process "
-                          "shares (a bucket mount, NFS), or set data.tokenizer_path")
-    return tokenizer_lib.get_tokenizer(workdir, data, vocab_size)
-
-
-def restarted_stream(data, tokenizer, saved_shards, data_shards, step):
-    """A new train iterator for a checkpoint whose data state belongs to another shard count
-    (no saved state fits these shards), reseeded so it does not replay the run's first batches."""
-    logging.warning(
-        "the checkpoint's data stream has %d shards but this run reads %d (the process count or "
-        "data.shards changed): the data iterator restarts with seed data.seed + %d. Set "
-        "data.shards to a multiple of every process count you use to resume the stream exactly",
-        saved_shards, data_shards, step)
-    reseeded = data.copy_and_resolve_references()
-    reseeded.seed = data.seed + step
-    return pipeline.ShardedIterator(pipeline.process_datasets("train", reseeded, tokenizer))
-
-
-def truncate_metrics(path, last_step):
-    """Drops records past the restored step, so a resumed run's log reads as one run."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= last_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
+def start_state(step, config, ckpt, meta, train_data, tokenizer):
+    """(state, train data iterator): the latest checkpoint restored, else a fresh init
+    (optionally with another run's params, config.init_from)."""
+    latest = ckpt.latest_step()
+    if ckpt.uncommitted():
+        logging.warning("ignoring unfinished checkpoint saves %s", ckpt.uncommitted())
+    if latest is None:
+        state = step.init(jax.random.key(config.train.seed))
+        if config.init_from:
+            state = state.replace(params=checkpoint.restore_params(config.init_from,
+                                                                   step.abstract))
+        return state, train_data
+    saved_shards = ckpt.check_compatible(latest, step.abstract.params, meta)["data_shards"]
+    if saved_shards != meta["data_shards"]:  # no saved iterator state fits these shards
+        train_data = pipeline.restarted_stream(config.data, tokenizer, saved_shards, latest)
+    state = ckpt.restore(latest, step.abstract,
+                         train_data if saved_shards == meta["data_shards"] else None)
+    if jax.process_index() == 0:
+        truncate_metrics(ckpt.workdir / "metrics.jsonl", latest)
+    logging.info("resumed from step %d in %s", latest, ckpt.mngr.directory)
+    return state, train_data
 
 
 def train(config, workdir):
     """Runs training; returns a summary dict (final train loss, first and last eval loss, ...)."""
     start = time.time()
     workdir = pathlib.Path(workdir)
-
-    # Phase 1: mesh and validated settings.
-    step = train_step.build(config, sharding.make_mesh(config.mesh))
-    cfg, mesh, abstract = step.cfg, step.mesh, step.abstract
     data, tc = config.data, config.train
-    data_shards = pipeline.process_shards(data, jax.process_index(), jax.process_count())[1]
-    logging.info("mesh %s over %d devices; model %s, %.1fM parameters", dict(mesh.shape),
-                 mesh.size, cfg, cfg.num_params() / 1e6)
 
-    # Phase 2: model, optimizer, abstract state and its shardings (no memory used yet).
-    check_workdir(workdir, sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract)))
+    # Phase 1: mesh, validated settings, model, optimizer, abstract state (no memory used yet).
+    step = train_step.build(config, sharding.make_mesh(config.mesh))
+    logging.info("mesh %s over %d devices; model %s, %.1fM parameters", dict(step.mesh.shape),
+                 step.mesh.size, step.cfg, step.cfg.num_params() / 1e6)
+    check_workdir(workdir, step.abstract)
 
-    # Phase 3: tokenizer and data, each process reading its own data shards.
-    tokenizer = shared_tokenizer(workdir, data, cfg.vocab_size)
+    # Phase 2: tokenizer and data, each process reading its own data shards.
+    tokenizer = tokenizer_lib.shared_tokenizer(workdir, data, step.cfg.vocab_size)
     # an iterator (not the dataset) so its position can be saved and restored with checkpoints
-    train_ds = pipeline.ShardedIterator(pipeline.process_datasets("train", data, tokenizer))
-    eval_ds = pipeline.concat_shards(pipeline.process_datasets("validation", data, tokenizer))
+    train_data = pipeline.ShardedIterator(pipeline.process_datasets("train", data, tokenizer))
+    eval_data = pipeline.concat_shards(pipeline.process_datasets("validation", data, tokenizer))
 
-    # Phase 4: restore the latest checkpoint, or init (from scratch or another run's params).
+    # Phase 3: restore the latest checkpoint, or init (from scratch or another run's params).
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep,
                                    config.checkpoint.keep_period or None)
     meta = {"config": checkpoint.config_json(config), "process_count": jax.process_count(),
-            "data_shards": data_shards,
+            "data_shards": pipeline.process_shards(data, jax.process_index(),
+                                                   jax.process_count())[1],
             "tokenizer": checkpoint.fingerprint(workdir / "tokenizer.model")}
-    latest = ckpt.latest_step()
-    if ckpt.uncommitted():
-        logging.warning("ignoring unfinished checkpoint saves %s", ckpt.uncommitted())
-    if latest is not None:
-        saved_meta = ckpt.check_compatible(latest, abstract.params, meta)
-        # checkpoints written before data.shards existed read one shard per process
-        saved_shards = saved_meta.get("data_shards", saved_meta["process_count"])
-        if saved_shards != data_shards:
-            train_ds = restarted_stream(data, tokenizer, saved_shards, data_shards, latest)
-        state = ckpt.restore(latest, abstract, train_ds if saved_shards == data_shards else None)
-        if jax.process_index() == 0:
-            truncate_metrics(workdir / "metrics.jsonl", latest)
-        logging.info("resumed from step %d in %s", latest, ckpt.mngr.directory)
-    else:
-        state = step.init(jax.random.key(tc.seed))
-        if config.init_from:
-            state = state.replace(params=checkpoint.restore_params(config.init_from, abstract))
+    state, train_data = start_state(step, config, ckpt, meta, train_data, tokenizer)
 
-    # Phase 5: the loop.
-    step_fn, eval_fn = step.train_step, step.eval_step
+    # Phase 4: the loop.
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0, total_steps=tc.steps,
                            config_text=str(config))
-    flops_per_token = cfg.flops_per_token(data.seq_len)
-    tokens_per_step = data.global_batch_size * data.seq_len
-    peak, _ = peak_flops(jax.devices()[0])
-    profile = profile_range(config.profile.steps) if config.profile.steps else None
-    batches = pipeline.global_batches(train_ds, sharding.batch_sharding(mesh))
-    first_step = int(state.step)
-    summary = {"first_step": first_step, "eval_loss": []}
-    sigterm = []
-    # with several processes JAX's preemption service catches SIGTERM (see _preempted)
-    if jax.process_count() == 1:
-        previous_handler = signal.signal(signal.SIGTERM, lambda *_: sigterm.append(time.time()))
-
-    def save(step):
-        ckpt.save(step, state, meta, train_ds)
-
+    run = Run(step, config, ckpt, meta, writer, train_data, eval_data, int(state.step))
     try:
-        if first_step == 0:
-            loss = evaluate(eval_fn, state.params, eval_ds, mesh, tc.eval_batches)
-            writer.write(0, {"eval_loss": loss}, prefix="eval")
-            summary["eval_loss"].append(loss)
-        window_start, window_tokens, window_steps = time.time(), 0, 0
-        skipped, last_checked = 0, first_step
-        for step in range(first_step + 1, tc.steps + 1):
-            if profile and step == profile[0]:
-                jax.profiler.start_trace(str(workdir / "tensorboard"))
-            state, metrics = step_fn(state, next(batches))
-            window_tokens += data.global_batch_size * data.seq_len
-            window_steps += 1
-            if profile and step == profile[1]:
-                jax.block_until_ready(metrics)
-                jax.profiler.stop_trace()
-            if not metrics["finite"]:  # one scalar fetch a step, so no bad step goes unseen
-                skipped += 1
-                if tc.on_nan == "abort":
-                    raise FloatingPointError(
-                        f"non-finite loss or gradient in steps {last_checked + 1}..{step} "
-                        f"(the update was dropped); last good checkpoint: step "
-                        f"{ckpt.latest_step()} in {ckpt.mngr.directory}. Lower train.lr, "
-                        "raise train.warmup_steps, or set train.on_nan=skip")
-                logging.warning("step %d: non-finite loss or gradient, update skipped", step)
-            last_checked = step
-            if step % tc.log_every == 0 or step == tc.steps:
-                metrics = jax.device_get(metrics)  # waits for the step: the timing below is real
-                elapsed = time.time() - window_start
-                tokens_per_sec = window_tokens / elapsed
-                writer.write(step, {
-                    **metrics, "tokens_per_sec": tokens_per_sec, "skipped_steps": skipped,
-                    "step_time_s": elapsed / window_steps, "tokens_seen": step * tokens_per_step,
-                    "mfu": tokens_per_sec * flops_per_token / (peak * mesh.size)})
-                summary["train_loss"] = float(metrics["loss"])
-                window_start, window_tokens, window_steps = time.time(), 0, 0
-            if step % tc.eval_every == 0 or step == tc.steps:
-                loss = evaluate(eval_fn, state.params, eval_ds, mesh, tc.eval_batches)
-                writer.write(step, {"eval_loss": loss}, prefix="eval")
-                summary["eval_loss"].append(loss)
-                window_start, window_tokens, window_steps = time.time(), 0, 0  # not throughput
-            if step % config.checkpoint.every_steps == 0 or step == tc.steps:
-                save(step)
-            if _preempted(step, sigterm):
-                if ckpt.latest_step() != step:
-                    save(step)
-                ckpt.wait()
-                raise Preempted(f"preempted at step {step}: checkpoint saved in "
-                                f"{ckpt.mngr.directory}; rerun the same command to resume")
+        with sigterm_flag() as sigterm:
+            run.loop(state, sigterm)
     finally:
-        if jax.process_count() == 1:
-            signal.signal(signal.SIGTERM, previous_handler)
         writer.close()
         ckpt.close()  # waits for the last async save and raises its error, if any
-        summary.update(steps=int(state.step), wall_s=time.time() - start,
-                       checkpoint=str(ckpt.mngr.directory), last_saved=ckpt.latest_step())
-        logging.info("%s", describe(summary, tokens_per_step))
-    return summary
+        run.summary.update(wall_s=time.time() - start, checkpoint=str(ckpt.mngr.directory),
+                           last_saved=ckpt.latest_step())
+        logging.info("%s", describe(run.summary, data.global_batch_size * data.seq_len))
+    return run.summary
+
+
+class Run:
+    """The loop of one training session and what it reports: summary holds the steps done,
+    the last logged train loss and every evaluation of this session."""
+
+    def __init__(self, step, config, ckpt, meta, writer, train_data, eval_data, first_step):
+        self.step, self.config, self.ckpt, self.meta = step, config, ckpt, meta
+        self.writer, self.train_data, self.eval_data = writer, train_data, eval_data
+        self.summary = {"first_step": first_step, "steps": first_step, "eval_loss": []}
+
+    def evaluate(self, n, params):
+        loss = validation_loss(self.step.eval_step, params, self.eval_data, self.step.mesh,
+                               self.config.train.eval_batches)
+        self.writer.write(n, {"eval_loss": loss}, prefix="eval")
+        self.summary["eval_loss"].append(loss)
+
+    def check_finite(self, n, metrics):
+        """Counts a dropped update; with train.on_nan=abort, stops the run instead."""
+        if metrics["finite"]:  # one scalar fetch a step, so no bad step goes unseen
+            return 0
+        if self.config.train.on_nan == "abort":
+            latest = self.ckpt.latest_step()
+            raise FloatingPointError(
+                f"non-finite loss or gradient at step {n} (the update was dropped); " + (f"last good checkpoint: step {latest} in "
+                                f"{self.ckpt.mngr.directory}" if latest is not None else
+                                "no checkpoint was saved yet") +
+                ". Lower train.lr, raise train.warmup_steps, or set train.on_nan=skip")
+        logging.warning("step %d: non-finite loss or gradient, update skipped", n)
+        return 1
+
+    def loop(self, state, sigterm):
+        """Steps from state.step to train.steps. `sigterm` is a list that becomes non-empty
+        when the job is told to stop: the current step is saved and Preempted raised."""
+        step, config, ckpt = self.step, self.config, self.ckpt
+        data, tc = config.data, config.train
+        tokens_per_step = data.global_batch_size * data.seq_len
+        throughput = Throughput(tokens_per_step, step.cfg.flops_per_token(data.seq_len),
+                                step.mesh.size)
+        profile = Profile(config.profile.steps, ckpt.workdir / "tensorboard")
+        batches = pipeline.global_batches(self.train_data, sharding.batch_sharding(step.mesh))
+        skipped = 0
+        if state.step == 0:
+            self.evaluate(0, state.params)
+        throughput.reset()
+        for n in range(int(state.step) + 1, tc.steps + 1):
+            profile.before(n)
+            state, metrics = step.train_step(state, next(batches))
+            throughput.count()
+            profile.after(n, metrics)
+            skipped += self.check_finite(n, metrics)
+            self.summary["steps"] = n
+            if n % tc.log_every == 0 or n == tc.steps:
+                metrics = jax.device_get(metrics)  # waits for the step: the timing is real
+                self.writer.write(n, {**metrics, **throughput.report(), "skipped_steps": skipped,
+                                      "tokens_seen": n * tokens_per_step})
+                self.summary["train_loss"] = float(metrics["loss"])
+            if n % tc.eval_every == 0 or n == tc.steps:
+                self.evaluate(n, state.params)
+                throughput.reset()  # evaluation time is not training throughput
+            if n % config.checkpoint.every_steps == 0 or n == tc.steps:
+                ckpt.save(n, state, self.meta, self.train_data)
+            if _preempted(n, sigterm):
+                if ckpt.latest_step() != n:
+                    ckpt.save(n, state, self.meta, self.train_data)
+                ckpt.wait()
+                raise Preempted(f"preempted at step {n}: checkpoint saved in "
+                                f"{ckpt.mngr.directory}; rerun the same command to resume")
+
+
+class Profile:
+    """A JAX profiler trace over config.profile.steps ("START:END"), into the TensorBoard dir."""
+
+    def __init__(self, steps, logdir):
+        self.range = profile_range(steps) if steps else None
+        self.logdir = str(logdir)
+
+    def before(self, n):
+        if self.range and n == self.range[0]:
+            jax.profiler.start_trace(self.logdir)
+
+    def after(self, n, metrics):
+        if self.range and n == self.range[1]:
+            jax.block_until_ready(metrics)
+            jax.profiler.stop_trace()
+
+
+@contextlib.contextmanager
+def sigterm_flag():
+    """A list that gets an entry on SIGTERM. With several processes JAX's preemption service
+    catches SIGTERM instead (see _preempted), so no handler is installed then."""
+    received = []
+    if jax.process_count() > 1:
+        yield received
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: received.append(time.time()))
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def describe(summary, tokens_per_step):
     """The one-paragraph account of a run, printed however it ends."""
     evals = summary["eval_loss"]
+    train_loss = (f"final train loss {summary['train_loss']:.4f}" if "train_loss" in summary
+                  else "no train step logged this session")
+    saved = summary["last_saved"]
     return (f"Run summary: {summary['steps']} steps ({summary['steps'] - summary['first_step']} "
-            f"this session), {summary['steps'] * tokens_per_step:,} tokens; final train loss "
-            f"{summary.get('train_loss', float('nan')):.4f}; eval loss "
-            + (f"{evals[0]:.4f} -> {evals[-1]:.4f} (best {min(evals):.4f})" if evals else "n/a")
-            + f"; wall time {summary['wall_s']:.0f} s; last checkpoint step "
-            f"{summary['last_saved']} in {summary['checkpoint']}.")
+            f"this session), {summary['steps'] * tokens_per_step:,} tokens; {train_loss}; "
+            "eval loss " + (f"{evals[0]:.4f} -> {evals[-1]:.4f} (best {min(evals):.4f})"
+                            if evals else "not evaluated this session")
+            + f"; wall time {summary['wall_s']:.0f} s; "
+            + (f"last checkpoint step {saved} in {summary['checkpoint']}." if saved is not None
+               else "no checkpoint saved."))
 
 
 def _preempted(step, sigterm):
@@ -241,6 +248,14 @@ def _preempted(step, sigterm):
     if jax.process_count() > 1:
         return multihost_utils.reached_preemption_sync_point(step)
     return bool(sigterm)
+
+
+def define_flags():
+    """Defined only when run as a program, so tests can import every entry point at once."""
+    config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run directory: tokenizer, metrics.jsonl, checkpoints.")
+    distributed.define_flags()
 
 
 def main(argv):
@@ -260,5 +275,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    distributed.define_flags()
+    define_flags()
     app.run(main)

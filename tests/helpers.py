@@ -39,3 +39,10 @@ def random_batch(key, batch, seq_len, vocab):
         "segment_ids": jnp.ones((batch, seq_len), jnp.int32),
         "loss_mask": jnp.ones((batch, seq_len), jnp.float32),
     }
+
+
+def train_tokenizer(files, vocab_size, out_path, sample_lines):
+    """A SentencePiece model trained on a few stdlib files: quicker than a config's mixture."""
+    from llama_jax.data import corpus, tokenizer
+    tokenizer.train_on_texts((corpus.read_text(f) for f in files), vocab_size, out_path,
+                             sample_lines)

@@ -6,6 +6,7 @@ import sys
 
 import jax
 import numpy as np
+import helpers
 import pytest
 import torch
 from safetensors.numpy import load_file
@@ -222,9 +223,9 @@ def test_missing_hf_tensor_is_named(tmp_path):
 
 
 def test_a_tokenizer_bigger_than_the_vocabulary_is_an_error(tmp_path):
-    from llama_jax.data import corpus, tokenizer
-    tokenizer.train_tokenizer(corpus.stdlib_files("train")[:20], 400, tmp_path / "tok.model",
-                              3000)
+    from llama_jax.data import corpus
+    helpers.train_tokenizer(corpus.stdlib_files("train")[:20], 400, tmp_path / "tok.model",
+                            3000)
     model = hf_model("mha")  # 101 embeddings
     model.save_pretrained(tmp_path / "hf")
     cfg, params = convert.load_hf(tmp_path / "hf")

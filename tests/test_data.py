@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import helpers
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -27,7 +28,7 @@ def test_corpus_split_is_deterministic_disjoint_and_nonempty():
 @pytest.fixture(scope="module")
 def sp(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-    tokenizer.train_tokenizer(corpus.stdlib_files("train")[:40], 400, path, 20_000)
+    helpers.train_tokenizer(corpus.stdlib_files("train")[:40], 400, path, 20_000)
     return tokenizer.load_tokenizer(path, 512)
 
 
@@ -47,7 +48,7 @@ def test_tokenizer_larger_than_model_vocab_is_refused(sp, tmp_path):
         tokenizer.load_tokenizer(path, 256)
     config = micro_config()
     config.data.tokenizer_vocab_size = 1024
-    with pytest.raises(ValueError, match="exceeds model.vocab_size=512"):
+    with pytest.raises(ValueError, match="1024 pieces but model.vocab_size is 512"):
         tokenizer.get_tokenizer(tmp_path / "run", config.data, 512)
     assert not (tmp_path / "run" / "tokenizer.model").exists()
 
@@ -280,7 +281,7 @@ def test_tokenizer_command_trains_on_the_configured_mixture(tmp_path):
     output = tmp_path / "tok" / "tokenizer.model"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     result = subprocess.run(
-        [sys.executable, "-m", "llama_jax.tokenizer", "train", f"--config={config}",
+        [sys.executable, "-m", "llama_jax.data.tokenizer", "train", f"--config={config}",
          f"--output={output}"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1])["vocab_size"] == 600
@@ -288,7 +289,7 @@ def test_tokenizer_command_trains_on_the_configured_mixture(tmp_path):
     assert sp.vocab_size() == 600
     text = "The assert statement: assert x == 42"
     assert sp.decode(sp.encode(text)) == text
-    bad = subprocess.run([sys.executable, "-m", "llama_jax.tokenizer", "decode",
+    bad = subprocess.run([sys.executable, "-m", "llama_jax.data.tokenizer", "decode",
                           f"--model={output}", "one"], capture_output=True, text=True, env=env)
     assert bad.returncode != 0 and "decode takes integer ids" in bad.stderr
 

@@ -1,4 +1,4 @@
-"""Multi-process runs on this machine through llama_jax.launch.local (CPU devices, gloo).
+"""Multi-process runs on this machine through launch/local.py (CPU devices, gloo).
 
 One story, so each assertion reads runs that already happened (every launch costs seconds):
   P  in this process (1 process x 8 devices), data.shards=2: tokenizer, steps 1..3;
@@ -21,8 +21,8 @@ import pytest
 from helpers import ROOT, load_config, micro_config
 from llama_jax.checkpoint import Checkpointer
 from llama_jax.data import pipeline, tokenizer as tokenizer_lib
-from llama_jax.metrics import read_metrics
-from llama_jax.train import train, truncate_metrics
+from llama_jax.metrics import read_metrics, truncate_metrics
+from llama_jax.train import train
 
 SETTINGS = {"model.vocab_size": 512, "model.dim": 64, "model.n_heads": 4, "model.ffn_dim": 128,
             "model.n_layers": 2, "data.seq_len": 32, "data.tokenizer_vocab_size": 512,
@@ -42,7 +42,7 @@ def config_with(**overrides):
 def launch(workdir, processes, devices, **overrides):
     """Starts the job; its output goes to WORKDIR.log (a pipe nobody reads could fill up)."""
     flags = [f"--config.{k}={v}" for k, v in {**SETTINGS, **overrides}.items()]
-    command = [sys.executable, "-m", "llama_jax.launch.local", f"-n={processes}",
+    command = [sys.executable, str(ROOT / "launch" / "local.py"), f"-n={processes}",
                f"--devices_per_process={devices}", "--grace_s=20", "--", sys.executable, "-m",
                "llama_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}", *flags]
     # a few steps of a micro model: LLVM optimisation would cost more compile time than it saves
@@ -170,7 +170,7 @@ def test_each_process_reads_disjoint_data_shards(tmp_path):
 
 def run_launcher(script, processes=2, timeout=60, **kwargs):
     return subprocess.Popen(
-        [sys.executable, "-m", "llama_jax.launch.local", f"-n={processes}", "--grace_s=2", "--",
+        [sys.executable, str(ROOT / "launch" / "local.py"), f"-n={processes}", "--grace_s=2", "--",
          sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, **kwargs)
 

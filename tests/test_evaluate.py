@@ -10,6 +10,7 @@ import sys
 
 import jax
 import numpy as np
+import helpers
 import pytest
 
 from helpers import ROOT
@@ -32,7 +33,7 @@ NOTES_EVAL = ["The café opens at nine.", "Evaluation documents are held out.\nT
 @pytest.fixture(scope="module")
 def tokenizer_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-    tokenizer_lib.train_tokenizer(corpus.stdlib_files("train")[:20], 400, path, 3000)
+    helpers.train_tokenizer(corpus.stdlib_files("train")[:20], 400, path, 3000)
     return path
 
 

@@ -9,11 +9,12 @@ import textwrap
 
 import jax
 import numpy as np
+import helpers
 import pytest
 
 from helpers import ROOT
 from llama_jax import cli, convert, generate as gen
-from llama_jax.data import corpus, tokenizer as tokenizer_lib
+from llama_jax.data import corpus
 from llama_jax.lm_eval_adapter import LlamaJaxLM
 from llama_jax.model import Llama, ModelConfig
 from test_generate import params_for
@@ -61,7 +62,7 @@ class Request:  # what lm-eval hands a model: an object with .args
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_eval")
-    tokenizer_lib.train_tokenizer(corpus.stdlib_files("train")[:20], 400, root / "tok.model",
+    helpers.train_tokenizer(corpus.stdlib_files("train")[:20], 400, root / "tok.model",
                                   3000)
     convert.save_workdir(CFG, params_for(CFG, seed=4), root / "wd", root / "tok.model")
     return root / "wd"

@@ -11,6 +11,7 @@ import os
 
 import jax
 import numpy as np
+from absl import logging
 import tensorflow as tf
 import tensorflow_text as tf_text
 
@@ -205,6 +206,20 @@ def process_datasets(split, data_config, tokenizer, process_index=None, process_
     rows = data_config.global_batch_size // shards
     return {s: make_dataset(split, data_config, tokenizer, rows, process_index=s,
                             process_count=shards) for s in mine}
+
+
+def restarted_stream(data_config, tokenizer, saved_shards, step):
+    """A new train iterator for a checkpoint whose data state belongs to another shard count
+    (no saved state fits these shards), reseeded so it does not replay the run's first batches."""
+    shards = process_shards(data_config, jax.process_index(), jax.process_count())[1]
+    logging.warning(
+        "the checkpoint's data stream has %d shards but this run reads %d (the process count or "
+        "data.shards changed): the data iterator restarts with seed data.seed + %d. Set "
+        "data.shards to a multiple of every process count you use to resume the stream exactly",
+        saved_shards, shards, step)
+    reseeded = data_config.copy_and_resolve_references()
+    reseeded.seed = data_config.seed + step
+    return ShardedIterator(process_datasets("train", reseeded, tokenizer))
 
 
 def concat_shards(datasets):

@@ -2,24 +2,27 @@
 
 LLaMA options: BPE, digits split into single digits, unknown UTF-8 falls back to bytes;
 ids 0/1/2 are unk/bos/eos and there is no pad piece (padding uses segment id 0 instead).
+As a program, trains one on a config's data mixture, or encodes/decodes text to inspect it:
+
+  python -m llama_jax.data.tokenizer train --config=configs/tiny.py --output=runs/tok/tokenizer.model
+  python -m llama_jax.data.tokenizer encode --model=runs/tok/tokenizer.model "x = 2024"
+  python -m llama_jax.data.tokenizer decode --model=runs/tok/tokenizer.model 1 87 3 2
 """
 
 import io
+import json
 import os
 import pathlib
 import random
+import time
 
+import jax
 import sentencepiece as spm
+from absl import app, flags
 
-from llama_jax.data import corpus
+from llama_jax import distributed
 
 BOS_ID, EOS_ID = 1, 2
-
-
-def train_tokenizer(files, vocab_size: int, out_path, sample_lines: int = 2_000_000, seed=0):
-    """Trains on up to sample_lines lines of the files; writes out_path atomically."""
-    texts = (corpus.read_text(f) for f in files)
-    train_on_texts(texts, vocab_size, out_path, sample_lines, seed)
 
 
 def source_texts(data_config, sample_lines: int):
@@ -59,25 +62,43 @@ def train_on_texts(texts, vocab_size: int, out_path, sample_lines: int = 2_000_0
     os.replace(tmp, out_path)  # a killed run never leaves a half-written tokenizer behind
 
 
+def check_fits(pieces: int, model_vocab_size: int, what: str):
+    """The one tokenizer-vs-model check: every id a tokenizer emits must have an embedding row."""
+    if pieces > model_vocab_size:
+        raise ValueError(f"{what} has {pieces} pieces but model.vocab_size is {model_vocab_size}:"
+                         " the model could not embed every token; raise model.vocab_size or "
+                         "use a smaller tokenizer")
+
+
 def load_tokenizer(path, model_vocab_size: int) -> spm.SentencePieceProcessor:
     try:
         sp = spm.SentencePieceProcessor(model_file=str(path))
     except (OSError, RuntimeError) as e:
         raise ValueError(f"tokenizer {path} cannot be read ({e}): delete it to train a new one "
                          "(a new tokenizer needs a new --workdir)") from e
-    if sp.vocab_size() > model_vocab_size:
-        raise ValueError(f"tokenizer {path} has {sp.vocab_size()} pieces but model.vocab_size is "
-                         f"{model_vocab_size}: raise model.vocab_size or use a smaller tokenizer")
+    check_fits(sp.vocab_size(), model_vocab_size, f"tokenizer {path}")
     return sp
+
+
+def shared_tokenizer(workdir, data_config, model_vocab_size: int):
+    """get_tokenizer for every process of a job: process 0 trains the tokenizer of a fresh
+    workdir while the others wait, then all read it."""
+    workdir = pathlib.Path(workdir)
+    if jax.process_count() > 1 and not data_config.tokenizer_path:
+        if jax.process_index() == 0:
+            get_tokenizer(workdir, data_config, model_vocab_size)
+        distributed.barrier("tokenizer")
+        if not (workdir / "tokenizer.model").exists():
+            raise OSError(f"process {jax.process_index()} cannot see {workdir}/tokenizer.model "
+                          "that process 0 wrote: --workdir must be a directory every process "
+                          "shares (a bucket mount, NFS), or set data.tokenizer_path")
+    return get_tokenizer(workdir, data_config, model_vocab_size)
 
 
 def get_tokenizer(workdir, data_config, model_vocab_size: int) -> spm.SentencePieceProcessor:
     """data.tokenizer_path if set, else the workdir's cached tokenizer, trained on the train
     split of data.sources if absent."""
-    if data_config.tokenizer_vocab_size > model_vocab_size:
-        raise ValueError(f"data.tokenizer_vocab_size={data_config.tokenizer_vocab_size} exceeds "
-                         f"model.vocab_size={model_vocab_size}: the model could not embed every "
-                         "token")
+    check_fits(data_config.tokenizer_vocab_size, model_vocab_size, "data.tokenizer_vocab_size")
     if data_config.tokenizer_path:
         return load_tokenizer(data_config.tokenizer_path, model_vocab_size)
     path = pathlib.Path(workdir) / "tokenizer.model"
@@ -86,3 +107,48 @@ def get_tokenizer(workdir, data_config, model_vocab_size: int) -> spm.SentencePi
         train_on_texts(texts, data_config.tokenizer_vocab_size, path,
                        data_config.tokenizer_sample_lines, data_config.seed)
     return load_tokenizer(path, model_vocab_size)
+
+
+def define_flags():
+    """Defined only when run as a program, so tests can import every entry point at once."""
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, "configs/*.py whose data.sources to train on.")
+    flags.DEFINE_string("output", None, "train: where to write the .model file.")
+    flags.DEFINE_string("model", None, "encode/decode: a trained .model file.")
+
+
+def main(argv):
+    usage = ("usage: python -m llama_jax.data.tokenizer train --config=C --output=PATH | "
+             "encode --model=PATH TEXT... | decode --model=PATH ID...")
+    if len(argv) < 2 or argv[1] not in ("train", "encode", "decode"):
+        raise app.UsageError(usage)
+    command, args = argv[1], argv[2:]
+    flag = flags.FLAGS
+    if command == "train":
+        if flag.config is None or flag.output is None or args:
+            raise app.UsageError("train needs --config and --output and no arguments; " + usage)
+        data = flag.config.data
+        start = time.time()
+        texts = source_texts(data, data.tokenizer_sample_lines)
+        train_on_texts(texts, data.tokenizer_vocab_size, flag.output,
+                                 data.tokenizer_sample_lines, data.seed)
+        print(json.dumps({"output": flag.output, "vocab_size": data.tokenizer_vocab_size,
+                          "seconds": round(time.time() - start, 1)}))
+        return
+    if flag.model is None or not args:
+        raise app.UsageError(f"{command} needs --model and arguments; " + usage)
+    sp = load_tokenizer(flag.model, model_vocab_size=2**31)
+    if command == "encode":
+        text = " ".join(args)
+        print(json.dumps({"ids": sp.encode(text), "pieces": sp.encode(text, out_type=str)}))
+    else:
+        try:
+            ids = [int(a) for a in args]
+        except ValueError:
+            raise app.UsageError(f"decode takes integer ids, got {args}") from None
+        print(json.dumps({"text": sp.decode(ids)}))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,6 +1,6 @@
 """Runs N processes of one JAX program on this machine, M CPU devices each, as one job:
 
-  python -m llama_jax.launch.local -n 2 --devices_per_process=2 -- \
+  python launch/local.py -n 2 --devices_per_process=2 -- \
       python -m llama_jax.train --config=configs/tiny.py --workdir=runs/tiny_2proc
 
 Each child gets XLA_FLAGS (M host devices), JAX_PLATFORMS=cpu, gloo cross-process collectives
@@ -109,7 +109,7 @@ def launch(command, num_processes, devices_per_process, grace_s):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], usage=(
-        "python -m llama_jax.launch.local -n N --devices_per_process=M -- COMMAND ..."))
+        "python launch/local.py -n N --devices_per_process=M -- COMMAND ..."))
     parser.add_argument("-n", "--num_processes", type=int, required=True)
     parser.add_argument("--devices_per_process", type=int, default=1)
     parser.add_argument("--grace_s", type=float, default=30.0,
