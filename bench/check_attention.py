@@ -21,8 +21,8 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from llama_jax.model import (PACKED_MAX_SEGMENTS, attention_mask, causal_attention,
-                             packed_fits, reference_attention)
+from llama_jax.attention import (PACKED_MAX_SEGMENTS, attention_mask, causal_attention,
+                                 packed_fits, reference_attention)
 
 IMPLS = {"cpu": ["splash"], "gpu": ["cudnn"], "tpu": ["splash"]}
 CASES = {"splash": ["three_documents"],

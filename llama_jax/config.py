@@ -7,8 +7,9 @@ import pathlib
 
 import ml_collections
 
+from llama_jax.attention import resolve_attention
 from llama_jax.data import tokenizer
-from llama_jax.model import ModelConfig, resolve_attention
+from llama_jax.model import ModelConfig
 
 
 def base_config(**model) -> ml_collections.ConfigDict:

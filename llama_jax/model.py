@@ -2,8 +2,8 @@
 
 Pre-RMSNorm blocks, causal attention with rotary embeddings (MHA or GQA), SwiGLU MLP, untied
 output projection, no biases. Every parameter carries logical axis names; sharding.py maps them.
-Axis letters: B batch, T sequence, D model dim, H heads, K kv heads, G heads per kv head,
-E head dim, F ffn dim, V vocab, L layers.
+Axis letters: B batch, T sequence, S cache slot, D model dim, H heads, K kv heads, E head dim,
+F ffn dim, V vocab, L layers. The attention implementations live in attention.py.
 """
 
 import dataclasses
@@ -14,9 +14,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
-from jax.sharding import PartitionSpec as P
 
-from llama_jax import sharding
+from llama_jax.attention import ATTENTION, causal_attention, reference_attention
 
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation: every activation is kept
@@ -27,23 +26,6 @@ REMAT_POLICIES = {
     "minimal": jax.checkpoint_policies.save_only_these_names("attn_out", "mlp_out"),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# "auto" picks per backend: cudnn flash attention on GPU in 16-bit compute, splash (Pallas) on
-# TPU, the plain XLA reference everywhere else.
-ATTENTION = ("auto", "xla", "cudnn", "splash")
-
-
-def resolve_attention(cfg, platform, seq_len=None):
-    """cfg with attention="auto" replaced by the implementation for `platform` ("cpu", "gpu",
-    "tpu"); seq_len None (generation: prompt lengths vary) never picks splash. Called once,
-    where a config meets its mesh; a ModelConfig still on "auto" runs the portable xla path."""
-    if cfg.attention != "auto":
-        return cfg
-    impl = "xla"
-    if platform == "gpu" and cfg.dtype in ("bfloat16", "float16"):
-        impl = "cudnn"  # cuDNN's fused kernel takes 16-bit inputs only
-    elif platform == "tpu" and seq_len is not None and seq_len % 128 == 0:
-        impl = "splash"  # its blocks are multiples of 128; otherwise auto falls back to xla
-    return dataclasses.replace(cfg, attention=impl)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,16 +65,11 @@ class ModelConfig:
                              f"{self.n_kv_heads}: pick n_kv_heads that divides n_heads")
         if self.head_dim % 2:
             raise ValueError(f"head dim {self.head_dim} must be even for rotary embeddings")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"model.remat={self.remat!r} is unknown: use one of "
-                             f"{sorted(REMAT_POLICIES)}")
-        if self.attention not in ATTENTION:
-            raise ValueError(f"model.attention={self.attention!r} is unknown: use one of "
-                             f"{list(ATTENTION)}")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in DTYPES:
+        for name, known in (("remat", REMAT_POLICIES), ("attention", ATTENTION),
+                            ("dtype", DTYPES), ("param_dtype", DTYPES)):
+            if getattr(self, name) not in known:
                 raise ValueError(f"model.{name}={getattr(self, name)!r} is unknown: use one of "
-                                 f"{sorted(DTYPES)}")
+                                 f"{list(known)}")
 
     @property
     def head_dim(self) -> int:
@@ -145,179 +122,15 @@ class RMSNorm(nn.Module):
 
 
 def rope(x, positions, theta):
-    """Rotary embedding in the rotate-half layout (Hugging Face's); x [B, T, N, E], positions [B, T].
-
-    Meta's checkpoints rotate interleaved pairs instead; convert.py permutes their q/k rows once
-    so that this single layout serves both.
-    """
+    """Rotary embedding, rotate-half layout (Hugging Face's): x [B, T, H or K, E], positions [B, T].
+    Meta's checkpoints rotate interleaved pairs; convert.py permutes their q/k rows once instead."""
     e = x.shape[-1]
     freqs = 1.0 / theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e)  # [E/2]
     angles = positions.astype(jnp.float32)[..., None] * freqs  # [B, T, E/2]
-    sin = jnp.sin(angles)[:, :, None, :]
-    cos = jnp.cos(angles)[:, :, None, :]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
-
-
-def attention_mask(segment_ids):
-    """[B, T] segment ids -> [B, 1, 1, T, T] causal mask that never crosses a document."""
-    t = segment_ids.shape[1]
-    causal = jnp.tril(jnp.ones((t, t), dtype=jnp.bool_))
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (causal[None] & same)[:, None, None]
-
-
-def reference_attention(q, k, v, mask):
-    """Plain XLA attention: q [B, T, H, E], k/v [B, S, K, E], mask [B, 1, 1, T, S] -> [B, T, H, E].
-
-    Materialises the [B, H, T, S] scores; the other implementations are tested against it.
-    """
-    b, t, h, e = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, h // kv_heads, e)  # GQA: G query heads share one kv head
-    scores = jnp.einsum("bskge,btke->bkgst", q, k).astype(jnp.float32) * e ** -0.5
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [B, K, G, T, S]
-    return jnp.einsum("bkgst,btke->bskge", probs, v).reshape(b, t, h, e)
-
-
-def splash_attention(q, k, v, segment_ids):
-    """TPU splash attention (Pallas): causal, block-sparse, documents kept apart by segment ids.
-
-    The kernel sees one sequence with heads first, so it is vmapped over the batch; XLA cannot
-    partition a Pallas call, so under a mesh each device runs it on its own batch rows and
-    heads (shard_map). Off TPU the same kernel runs in the Pallas interpreter, which is how the
-    CPU tests check it against the reference.
-    """
-    from jax.experimental.pallas.ops.tpu.splash_attention import (
-        splash_attention_kernel as splash, splash_attention_mask as masks)
-    b, t, h, e = q.shape
-    # the layout of q/k/v in the step being traced (sharding.py decides it from logical names)
-    placed = sharding.activation_spec(("batch", "length", "heads", "head_dim"))
-    device = jax.devices()[0] if placed is None else placed[0].devices.flat[0]  # the target
-    block = min(512, t)
-    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
-                              block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-                              block_q_dq=block, block_kv_dq=block)
-
-    def run(q, k, v, segment_ids):
-        causal = masks.MultiHeadMask([masks.CausalMask((t, t)) for _ in range(q.shape[2])])
-        kernel = splash.make_splash_mha(causal, block_sizes=sizes, head_shards=1,
-                                        q_seq_shards=1,
-                                        interpret=device.platform != "tpu")
-        heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, T, N, E] -> [B, N, T, E]
-        out = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=s1))(
-            heads_first(q) * e ** -0.5, heads_first(k), heads_first(v),
-            splash.SegmentIds(q=segment_ids, kv=segment_ids))
-        return heads_first(out)
-
-    if placed is None or placed[0].size == 1:
-        return run(q, k, v, segment_ids)
-    mesh, spec = placed
-    return jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, P(*spec[:2])),
-                         out_specs=spec, check_vma=False)(q, k, v, segment_ids)
-
-
-# cuDNN's packed layout is sized for a static number of documents per row. 16 covers every row
-# whose documents average 128 tokens or more at seq 2048 (a trailing padding run counts as one);
-# a batch with a fuller row takes the dense-bias path instead, which is correct, only slower.
-# Each slot costs: cuDNN keeps float32 softmax statistics [B * M, H, T] for the backward pass
-# (M times the unpacked size), and the kernel visits every slot, empty or not.
-PACKED_MAX_SEGMENTS = 16
-
-
-def _run_starts(segment_ids):
-    """[B, T] -> [B, T] bool, True where a run of equal segment ids begins."""
-    first = jnp.ones_like(segment_ids[:, :1], dtype=jnp.bool_)
-    return jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-
-
-def packed_segments(segment_ids, max_segments=PACKED_MAX_SEGMENTS):
-    """segment_ids [B, T] -> (lengths [B, M], offsets [B, M + 1]), int32, for cuDNN's packed
-    layout with M = max_segments.
-
-    Each run of equal ids is one segment, a trailing padding run (id 0) included, so that every
-    position is computed: cuDNN does not define the output outside every segment, and padding
-    outputs flow on into the next layer. lengths[b, j] and offsets[b, j] are the j-th run's
-    length and first position; slots past a row's last run hold -1, which is how jax's wrapper
-    tells unused slots apart (it drops them and appends the end offset itself), so offsets[b, M]
-    is always -1 for a row that fits. A row with more than M runs does not fit (packed_fits)."""
-    t = segment_ids.shape[1]
-    starts = _run_starts(segment_ids)
-    runs = starts.sum(axis=1, keepdims=True)
-    # where the first M + 1 runs begin; T stands in for the start after the last run
-    first = jax.vmap(lambda s: jnp.nonzero(s, size=max_segments + 1, fill_value=t)[0])(starts)
-    slot = jnp.arange(max_segments + 1)
-    offsets = jnp.where(slot < runs, first, -1)
-    lengths = jnp.where(slot[:-1] < runs, first[:, 1:] - first[:, :-1], -1)
-    return lengths.astype(jnp.int32), offsets.astype(jnp.int32)
-
-
-def packed_fits(segment_ids, max_segments=PACKED_MAX_SEGMENTS):
-    """Scalar bool: the packed layout gives exactly the segment-id mask for this batch, i.e. every
-    row has at most M runs and no id comes back after another (runs == distinct ids)."""
-    runs = _run_starts(segment_ids).sum(axis=1)
-    ids = jnp.sort(segment_ids, axis=1)
-    distinct = 1 + jnp.sum(ids[:, 1:] != ids[:, :-1], axis=1)
-    return jnp.all((runs <= max_segments) & (runs == distinct))
-
-
-def cudnn_attention(q, k, v, segment_ids):
-    """cuDNN flash attention (GPU, 16-bit inputs), causal in the kernel. Packed documents go
-    through cuDNN's packed layout (per-document lengths and offsets, Hopper or newer) when the
-    batch fits PACKED_MAX_SEGMENTS, else as a dense [B, 1, T, T] bias, which costs ~8% of a 1B
-    train step; lax.cond picks at run time, so both are compiled."""
-    def dense(q, k, v, segment_ids):
-        same = None if segment_ids is None else \
-            (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-        return jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True,
-                                            implementation="cudnn")
-
-    def packed(q, k, v, segment_ids):
-        lengths, offsets = packed_segments(segment_ids)
-        group = q.shape[2] // k.shape[2]
-        if group > 1:  # jax (before PR 39521) scales kv offsets by the query's head count
-            k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-        # PADDING_CAUSAL: causal within each segment, each its own length (cuDNN wants a
-        # padding-type mask with packed offsets; jax.nn uses it for lengths + causal too)
-        return fused.dot_product_attention(
-            q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
-            kv_offsets=offsets, scale=q.shape[-1] ** -0.5,
-            mask_type=fused.MaskType.PADDING_CAUSAL)
-
-    # jax exposes the packed layout only through this private module
-    from jax._src.cudnn import fused_attention_stablehlo as fused
-    # before Hopper cuDNN has no packed layout, and lax.cond traces both branches
-    if segment_ids is None or not fused.check_compute_capability("9.0"):
-        return dense(q, k, v, segment_ids)
-    return jax.lax.cond(packed_fits(segment_ids), packed, dense, q, k, v, segment_ids)
-
-
-def causal_attention(q, k, v, segment_ids, impl):
-    """Causal self-attention over packed documents (segment_ids [B, T]; None: one document per
-    row) with the named implementation; every one matches reference_attention."""
-    if impl == "cudnn":
-        return cudnn_attention(q, k, v, segment_ids)
-    if segment_ids is None:
-        segment_ids = jnp.ones(q.shape[:2], jnp.int32)
-    if impl == "splash":
-        return splash_attention(q, k, v, segment_ids)
-    return blocked_attention(q, k, v, segment_ids)
-
-
-def blocked_attention(q, k, v, segment_ids, block=128):
-    """The reference, one block of queries at a time over only the keys at or before it: the
-    masked upper triangle is never computed, which halves attention's time on CPU at T=512."""
-    t = q.shape[1]
-    outs = []
-    for start in range(0, t, block):
-        stop = min(start + block, t)
-        causal = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]  # [Tq, S]
-        same = segment_ids[:, start:stop, None] == segment_ids[:, None, :stop]
-        mask = (causal[None] & same)[:, None, None]
-        outs.append(reference_attention(q[:, start:stop], k[:, :stop], v[:, :stop], mask))
-    return jnp.concatenate(outs, axis=1)
 
 
 class Attention(nn.Module):
@@ -336,10 +149,9 @@ class Attention(nn.Module):
         wv = _param(self, "wv", init, (d, k, e), ("embed", "kv_heads", "head_dim"), cfg)
         wo = _param(self, "wo", _dense_init(h * e), (h, e, d), ("heads", "head_dim", "embed"), cfg)
         q, key, v = linear(x, wq), linear(x, wk), linear(x, wv)
-        q = rope(q, positions, cfg.rope_theta)
-        key = rope(key, positions, cfg.rope_theta)
+        q, key = rope(q, positions, cfg.rope_theta), rope(key, positions, cfg.rope_theta)
         if kv is None:
-            out = causal_attention(q, key, v, segment_ids, cfg.attention if cfg.attention != "auto" else "xla")
+            out = causal_attention(q, key, v, segment_ids, cfg.attention)
         else:  # decoding attends over cache slots: always the reference (it is one query row)
             start = (0, index, 0, 0)
             key = jax.lax.dynamic_update_slice(kv[0], key.astype(kv[0].dtype), start)
@@ -360,8 +172,7 @@ class MLP(nn.Module):
         w3 = _param(self, "w3", _dense_init(d), (d, f), ("embed", "mlp"), cfg)  # up
         w2 = _param(self, "w2", _dense_init(f), (f, d), ("mlp", "embed"), cfg)  # down
         gate, up = linear(x, w1), linear(x, w3)
-        out = linear(nn.silu(gate) * up, w2)
-        return checkpoint_name(out, "mlp_out")
+        return checkpoint_name(linear(nn.silu(gate) * up, w2), "mlp_out")
 
 
 class Block(nn.Module):
@@ -405,18 +216,16 @@ class Llama(nn.Module):
         """tokens [B, T] -> logits [B, T, V] (float32), or the final normed hidden [B, T, D].
 
         segment_ids [B, T] keep packed documents apart (0 marks padding); positions restart
-        at 0 in each document. Both default to a single unpadded document per row.
-        With a cache (init_cache), the T tokens fill its next T slots and attend to every
-        earlier slot; returns (logits or hidden, updated cache). Generation uses this for
-        prefill and for each decode step, so the prefix is never recomputed.
-        """
+        at 0 in each document; both default to one unpadded document per row. With a cache
+        (init_cache) the T tokens fill its next T slots and attend to every earlier slot, and
+        the updated cache is returned too: generation's prefill and decode steps never
+        recompute the prefix."""
         cfg = self.cfg
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        if cache is None:
-            extra = ()
-        else:
+        extra = ()
+        if cache is not None:
             if segment_ids is None:
                 segment_ids = jnp.ones((b, t), jnp.int32)
             mask, slots = cache_mask(cache, segment_ids)
@@ -425,9 +234,8 @@ class Llama(nn.Module):
                        (cfg.vocab_size, cfg.dim), ("vocab", "embed"), cfg)
         x = jnp.take(embed, tokens, axis=0).astype(DTYPES[cfg.dtype])  # [B, T, D]
 
-        policy = REMAT_POLICIES[cfg.remat]
         block = Block if cfg.remat == "none" else nn.remat(
-            Block, policy=policy, prevent_cse=not cfg.scan_layers)
+            Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             # One compiled layer body looped L times: compile time does not grow with depth.
             # The cache's [L, ...] keys and values are scanned over with the layers.
@@ -439,20 +247,16 @@ class Llama(nn.Module):
         else:
             kvs = []
             for i in range(cfg.n_layers):
-                layer_extra = (jax.tree.map(lambda c: c[i], extra[0]),) + extra[1:] if extra else ()
-                x, layer_kv = block(cfg, name=f"layers_{i}")(x, positions, segment_ids,
-                                                             *layer_extra)
+                layer = (jax.tree.map(lambda c: c[i], extra[0]),) + extra[1:] if extra else ()
+                x, layer_kv = block(cfg, name=f"layers_{i}")(x, positions, segment_ids, *layer)
                 kvs.append(layer_kv)
             kv = jax.tree.map(lambda *a: jnp.stack(a), *kvs) if extra else None
 
         x = RMSNorm(cfg, name="norm")(x)
         out = _param(self, "output", _dense_init(cfg.dim), (cfg.dim, cfg.vocab_size),
                      ("embed", "vocab"), cfg)
-        if return_hidden:  # the loss projects in chunks so [B, T, V] never exists at once
-            result = x
-        else:
-            result = linear(x, out).astype(jnp.float32)
+        # return_hidden: the loss projects in chunks, so [B, T, V] never exists at once
+        result = x if return_hidden else linear(x, out).astype(jnp.float32)
         if cache is None:
             return result
-        return result, {"k": kv[0], "v": kv[1], "segment_ids": slots,
-                        "index": cache["index"] + t}
+        return result, {"k": kv[0], "v": kv[1], "segment_ids": slots, "index": cache["index"] + t}
