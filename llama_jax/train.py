@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from llama_jax import checkpoint, distributed, sharding, train_step
-from llama_jax.config import profile_range
+from llama_jax.config import model_config, profile_range
 from llama_jax.data import pipeline, tokenizer as tokenizer_lib
 from llama_jax.metrics import MetricsWriter, peak_flops
 
@@ -115,6 +115,8 @@ def train(config, workdir):
 
     # Phase 2: model, optimizer, abstract state and its shardings (no memory used yet).
     check_workdir(workdir, sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract)))
+    if jax.process_index() == 0:  # as configured, not resolved: the workdir loads anywhere
+        checkpoint.write_model(workdir, model_config(config))
 
     # Phase 3: tokenizer and data, each process reading its own data shards.
     tokenizer = shared_tokenizer(workdir, data, cfg.vocab_size)
