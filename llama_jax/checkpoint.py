@@ -1,13 +1,17 @@
-"""Checkpoints: the Orbax CheckpointManager under WORKDIR/checkpoints, plus per-shard data state.
+"""Workdirs on disk: training checkpoints, params-only (converted) checkpoints, the model
+description model.json, and loading a workdir's model for inference. All Orbax I/O lives here.
 
-A step directory holds `state` (TrainState: step, params, optimizer state) and `meta` (resolved
-config, tokenizer fingerprint, process count, data shards). Orbax writes each step into a tmp
-directory and renames it only when complete, so a save killed half-way is never listed, never
-loaded.
+A training step directory holds `state` (TrainState: step, params, optimizer state) and `meta`
+(resolved config, tokenizer fingerprint, process count, data shards). Orbax writes each step
+into a tmp directory and renames it only when complete, so a save killed half-way is never
+listed, never loaded.
 Each data shard's iterator is saved beside it under WORKDIR/data_state/STEP/shard_J by the
 process that reads it, and only read for a step that Orbax committed.
+A converted workdir's checkpoints/0 holds one item, `params`. Both kinds hold model.json (the
+ModelConfig as configured, attention "auto" kept) and usually tokenizer.model.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -15,8 +19,19 @@ import pathlib
 import shutil
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+
+from llama_jax import sharding
+from llama_jax.config import model_config
+from llama_jax.data.tokenizer import load_tokenizer
+from llama_jax.model import Llama, ModelConfig, resolve_attention
+
+# the ModelConfig fields that decide the parameter tree; a resume may change the others
+SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
+                "scan_layers")
 
 
 class CheckpointError(ValueError):
@@ -140,18 +155,134 @@ class Checkpointer:
 
 def restore_params(source, abstract_state):
     """Params only, from another run's or a converted workdir, onto this run's shardings."""
-    from llama_jax import convert  # convert imports this module's neighbours, not the reverse
     source = pathlib.Path(source)
     if not (source / "checkpoints").is_dir():
         raise CheckpointError(f"config.init_from={source} holds no checkpoints/ directory: "
                               "point it at a run's or a converted workdir")
-    params = convert.load_params(source)  # host numpy
+    params = load_params(source)  # host numpy
     problem = _shape_mismatch(params, abstract_state.params)
     if problem:
         raise CheckpointError(f"config.init_from={source} is from a different model: {problem}")
     logging.info("initialised params from %s", source)
     return jax.tree.map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding), params,
                         abstract_state.params)
+
+
+# ------------------------------------------------------------------ params-only workdirs
+
+def save_params(workdir, cfg: ModelConfig, params, tokenizer_path=None):
+    """A converted workdir: model.json [+ tokenizer.model] + checkpoints/0 (the Orbax item
+    "params", no optimizer state). Generate and evaluate read it directly; a training run starts
+    from it with `--config.init_from=WORKDIR` (params only; fresh optimizer and step)."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if tokenizer_path is not None:
+        load_tokenizer(tokenizer_path, cfg.vocab_size)  # a vocabulary mismatch stops here
+    write_model(workdir, cfg)
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, workdir / "tokenizer.model")
+    manager = ocp.CheckpointManager((workdir / "checkpoints").absolute(),
+                                    item_handlers={"params": ocp.StandardCheckpointHandler()})
+    manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
+    manager.wait_until_finished()
+    manager.close()
+
+
+def load_params(workdir, step=None):
+    """Parameters of a workdir's latest (or given) checkpoint: a converted one (item "params")
+    or a training one (item "state", of which only params are read), as host numpy arrays."""
+    manager = ocp.CheckpointManager((pathlib.Path(workdir) / "checkpoints").absolute(),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    step = manager.latest_step() if step is None else step
+    manager.close()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint under {pathlib.Path(workdir) / 'checkpoints'}: "
+                                "train or convert into this workdir first")
+    step_dir = pathlib.Path(manager.directory) / str(step)
+    item = "params" if (step_dir / "params").exists() else "state"
+    checkpointer = ocp.PyTreeCheckpointer()
+    meta = checkpointer.metadata(step_dir / item).item_metadata
+    meta = meta if item == "params" else meta["params"]
+    # read straight into host numpy: no mesh is needed, and a training state's optimizer
+    # moments (twice the size of the parameters) are never loaded
+    target = jax.tree.map(lambda m: np.zeros((), m.dtype), meta)
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    if item == "state":
+        target, args = {"params": target}, {"params": args}
+    tree = checkpointer.restore(step_dir / item, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=args, partial_restore=item == "state"))
+    params = tree if item == "params" else tree["params"]
+    return jax.tree.map(np.asarray, params)
+
+
+# -------------------------------------------------------------------------- model.json
+
+def write_model(workdir, cfg: ModelConfig):
+    """WORKDIR/model.json: the ModelConfig as configured (attention "auto" stays "auto", so the
+    workdir loads on any backend), written to a tmp file and renamed: complete or absent.
+
+    Refuses to relabel checkpoints of another parameter shape, which this run could not resume
+    anyway, so that model.json keeps describing the checkpoints beside it."""
+    workdir = pathlib.Path(workdir)
+    path = workdir / "model.json"
+    steps = workdir / "checkpoints"
+    if path.exists() and steps.is_dir() and any(p.name.isdigit() for p in steps.iterdir()):
+        recorded = json.loads(path.read_text())
+        for name in SHAPE_FIELDS:
+            if recorded.get(name) != getattr(cfg, name):
+                raise CheckpointError(
+                    f"{workdir} holds checkpoints of a different model: model.{name} is "
+                    f"{recorded.get(name)!r} in its model.json but {getattr(cfg, name)!r} in "
+                    "this config; use a new --workdir, or --config.init_from for a model of "
+                    "this shape")
+    tmp = workdir / "model.json.tmp"
+    tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_model(workdir, config=None) -> ModelConfig:
+    """The model a workdir holds: its model.json, which a --config given as well must match;
+    the config's model section alone for a workdir written before model.json was recorded."""
+    path = pathlib.Path(workdir) / "model.json"
+    configured = None if config is None else model_config(config)
+    if not path.exists():
+        if configured is None:
+            raise FileNotFoundError(f"{path} is missing: point --workdir at a training or "
+                                    "converted workdir, or pass the --config it was trained with")
+        return configured
+    fields = json.loads(path.read_text())
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(ModelConfig)})
+    if unknown:
+        raise CheckpointError(f"{path} has unknown fields {unknown}: it was written by another "
+                              "version of llama_jax; remove them or use that version")
+    recorded = ModelConfig(**fields)
+    if configured is not None:
+        have = dataclasses.asdict(recorded)
+        differ = [f"{k} (config {v!r}, model.json {have[k]!r})"
+                  for k, v in dataclasses.asdict(configured).items() if v != have[k]]
+        if differ:
+            raise CheckpointError(f"--config's model section differs from {path} in "
+                                  f"{', '.join(differ)}: drop --config to use the recorded "
+                                  "model, or pass the config this workdir was trained with")
+    return recorded
+
+
+# --------------------------------------------------------------------------- inference
+
+def load_model(workdir, config=None):
+    """(ModelConfig with attention resolved for this backend, host params of the latest
+    checkpoint, tokenizer path) of a training or converted workdir."""
+    cfg = resolve_attention(read_model(workdir, config), jax.default_backend())
+    return cfg, load_params(workdir), pathlib.Path(workdir) / "tokenizer.model"
+
+
+def place(cfg: ModelConfig, params, mesh_config=None, rules="fsdp"):
+    """Puts the parameters on every device with the training sharding rules, so a model too big
+    for one device spreads over all of them; the jitted steps follow (GSPMD)."""
+    mesh = sharding.make_mesh(mesh_config or {"data": 1, "fsdp": -1, "tensor": 1})
+    boxed = jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0),
+                                                   jnp.zeros((1, 8), jnp.int32))["params"])
+    return jax.device_put(params, sharding.tree_shardings(boxed, mesh, rules))
 
 
 def config_json(config) -> str:

@@ -1,13 +1,14 @@
 """Weights in and out: Hugging Face (config.json + safetensors) and Meta (params.json +
-consolidated.NN.pth) to our parameter tree and a workdir, and our parameters back to Hugging Face.
+consolidated.NN.pth) to our parameter tree, and our parameters back to Hugging Face.
 
-  python -m llama_jax.convert --from=hf --src=HF_DIR --dst=WORKDIR [--config=configs/x.py]
+  python -m llama_jax.convert --from=hf --src=HF_DIR --dst=WORKDIR
   python -m llama_jax.convert --from=meta --src=META_DIR --dst=WORKDIR
   python -m llama_jax.convert --to=hf --src=WORKDIR --dst=HF_DIR [--config=configs/x.py]
 
-A converted WORKDIR holds model.json (the `config.model` section as JSON), tokenizer.model when
-the source has one, and checkpoints/0 with a single Orbax item "params" (no optimizer state), or
-with --config=configs/x.py a step-0 TrainState that `llama_jax.train` resumes (fine-tuning).
+--from writes a params-only workdir (checkpoint.save_params: model.json, tokenizer.model when
+the source has one, checkpoints/0) that generate and evaluate read and that a training run
+starts from with --config.init_from=WORKDIR. --to reads a training or converted workdir's
+model.json and latest params; --config is needed only for a workdir without model.json.
 Our RoPE is Hugging Face's rotate-half layout, so HF weights map by transposes and reshapes only;
 Meta's q/k rows are permuted once, in meta_to_rotate_half.
 """
@@ -17,21 +18,25 @@ import json
 import pathlib
 import re
 import shutil
+import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import app, flags
+from safetensors.numpy import load_file, save_file
 
-from llama_jax.model import DTYPES, ModelConfig
+from llama_jax import checkpoint
+from llama_jax.model import DTYPES, ModelConfig, resolve_attention
 
-def _optional(module, extra):
-    """Imports an optional extra, or says how to install it."""
+
+def _torch():
+    """torch reads Meta's .pth files only, so it stays an optional extra."""
     try:
-        return __import__(module, fromlist=["_"])
+        import torch
     except ImportError:
-        raise ImportError(f"{module} is needed for this conversion: pip install "
-                          f"'llama_jax[{extra}]'") from None
+        raise ImportError("torch is needed to convert a Meta checkpoint: pip install "
+                          "'llama_jax[meta]'") from None
+    return torch
 
 
 # ---------------------------------------------------------------- the layer-by-layer mapping
@@ -125,7 +130,6 @@ def config_to_hf(cfg: ModelConfig, tie_word_embeddings=False, dtype="float32") -
 
 def _read_safetensors(src):
     """All tensors of a HF directory, single-file or sharded (model.safetensors.index.json)."""
-    load_file = _optional("safetensors.numpy", "hf").load_file
     index = src / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -189,12 +193,19 @@ def load_hf(src):
     return cfg, params
 
 
+def load_hf_model(src):
+    """load_hf for inference, shaped like checkpoint.load_model: (ModelConfig with attention
+    resolved for this backend, params, the tokenizer path beside the weights)."""
+    cfg, params = load_hf(src)
+    return (resolve_attention(cfg, jax.default_backend()), params,
+            pathlib.Path(src) / "tokenizer.model")
+
+
 def save_hf(cfg: ModelConfig, params, dst):
     """Writes config.json + model.safetensors that transformers' LlamaForCausalLM loads.
 
     The embeddings are written tied (no lm_head) only when output is exactly tok_embeddings.T.
     """
-    save_file = _optional("safetensors.numpy", "hf").save_file
     dst = pathlib.Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     params = jax.tree.map(np.asarray, params)
@@ -233,7 +244,7 @@ META_SPLIT = {"tok_embeddings": 1, "output": 0, "norm": None, "wq": 0, "wk": 0, 
 
 
 def _read_meta_shards(src):
-    torch = _optional("torch", "meta")
+    torch = _torch()
     files = sorted(src.glob("consolidated.*.pth"))
     if not files:
         raise FileNotFoundError(f"no consolidated.NN.pth under {src}: point --src at a Meta "
@@ -300,63 +311,6 @@ def load_meta(src):
     return cfg, _assemble(cfg, embed, take("norm.weight"), output.T, layers)
 
 
-# --------------------------------------------------------------------------------- workdirs
-
-def save_workdir(cfg: ModelConfig, params, workdir, tokenizer_path=None):
-    """model.json [+ tokenizer.model] + checkpoints/0 (the Orbax item "params") under workdir.
-
-    Generate and evaluate read it directly; a training run starts from it with
-    `--config.init_from=WORKDIR` (params only; fresh optimizer and step).
-    """
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if tokenizer_path is not None:
-        from llama_jax.data.tokenizer import load_tokenizer
-        load_tokenizer(tokenizer_path, cfg.vocab_size)  # a vocabulary mismatch stops here
-        shutil.copyfile(tokenizer_path, workdir / "tokenizer.model")
-    mngr = ocp.CheckpointManager((workdir / "checkpoints").absolute(),
-                                 item_handlers={"params": ocp.StandardCheckpointHandler()})
-    mngr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
-    (workdir / "model.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    mngr.wait_until_finished()
-    mngr.close()
-
-
-def load_config_json(workdir) -> ModelConfig:
-    path = pathlib.Path(workdir) / "model.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: convert into this workdir with "
-                                "`python -m llama_jax.convert` or pass --config")
-    return ModelConfig(**json.loads(path.read_text()))
-
-
-def load_params(workdir, step=None):
-    """Parameters of a workdir's latest (or given) checkpoint: a converted one (item "params")
-    or a training one (item "state", of which only params are read), as host numpy arrays."""
-    mngr = ocp.CheckpointManager((pathlib.Path(workdir) / "checkpoints").absolute(),
-                                 options=ocp.CheckpointManagerOptions(read_only=True))
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint under {pathlib.Path(workdir) / 'checkpoints'}: "
-                                "train or convert into this workdir first")
-    mngr.close()
-    step_dir = pathlib.Path(mngr.directory) / str(step)
-    item = "params" if (step_dir / "params").exists() else "state"
-    ckptr = ocp.PyTreeCheckpointer()
-    meta = ckptr.metadata(step_dir / item).item_metadata
-    meta = meta if item == "params" else meta["params"]
-    # read straight into host numpy: no mesh is needed, and a training state's optimizer
-    # moments (twice the size of the parameters) are never loaded
-    target = jax.tree.map(lambda m: np.zeros((), m.dtype), meta)
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    if item == "state":
-        target, args = {"params": target}, {"params": args}
-    tree = ckptr.restore(step_dir / item, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=args, partial_restore=item == "state"))
-    params = tree if item == "params" else tree["params"]
-    return jax.tree.map(np.asarray, params)
-
-
 # -------------------------------------------------------------------------------------- CLI
 
 def define_flags():
@@ -367,8 +321,8 @@ def define_flags():
     flags.DEFINE_string("src", None, "Source directory (HF or Meta model, or a workdir).")
     flags.DEFINE_string("dst", None, "Destination directory (a workdir, or an HF model).")
     from ml_collections import config_flags
-    config_flags.DEFINE_config_file("config", None, "With --to: the config a training workdir "
-                                    "was trained with (a converted one has model.json).")
+    config_flags.DEFINE_config_file("config", None, "With --to: the config the workdir was "
+                                    "trained with; needed only without model.json.")
 
 
 def main(argv):
@@ -380,20 +334,19 @@ def main(argv):
         raise app.UsageError("give exactly one of --from=hf|meta or --to=hf, plus --src and "
                              "--dst, e.g. --from=hf --src=hf_model --dst=runs/converted")
     src = pathlib.Path(fl.src)
-    if fl.to == "hf":
-        if fl.config is not None:
-            from llama_jax.config import model_config
-            cfg = model_config(fl.config)
+    try:
+        if fl.to == "hf":
+            cfg, params, tok = checkpoint.load_model(src, fl.config)
+            save_hf(cfg, params, fl.dst)
+            if tok.exists():
+                shutil.copyfile(tok, pathlib.Path(fl.dst) / "tokenizer.model")
         else:
-            cfg = load_config_json(src)
-        save_hf(cfg, load_params(src), fl.dst)
-        tok = src / "tokenizer.model"
-        if tok.exists():
-            shutil.copyfile(tok, pathlib.Path(fl.dst) / "tokenizer.model")
-    else:
-        cfg, params = load_hf(src) if source == "hf" else load_meta(src)
-        tok = src / "tokenizer.model"
-        save_workdir(cfg, params, fl.dst, tok if tok.exists() else None)
+            cfg, params = load_hf(src) if source == "hf" else load_meta(src)
+            tok = src / "tokenizer.model"
+            checkpoint.save_params(fl.dst, cfg, params, tok if tok.exists() else None)
+    except (ValueError, KeyError, OSError, ImportError) as e:
+        # a known failure is one line that says the fix, not a traceback wall
+        sys.exit(f"error: {e}")
     print(f"wrote {fl.dst}")
 
 

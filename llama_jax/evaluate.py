@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from llama_jax import train_step
+from llama_jax import checkpoint, train_step
 from llama_jax.data.tokenizer import BOS_ID, EOS_ID
 from llama_jax.model import Llama
 
@@ -164,7 +164,6 @@ def define_flags():
 def main(argv):
     from llama_jax.config import base_config
     from llama_jax.data.tokenizer import load_tokenizer
-    from llama_jax.generate import load_model, place
     fl = flags.FLAGS
     if len(argv) > 1 or not fl.workdir:
         raise app.UsageError("give --workdir=DIR and no positional arguments")
@@ -172,13 +171,13 @@ def main(argv):
         # without --config: the default data section, i.e. the built-in code corpus
         data = fl.config.data if fl.config else base_config().data
         entries = selected_sources(data, fl.sources)
-        cfg, params, tok_path = load_model(fl.workdir, config=fl.config)
+        cfg, params, tok_path = checkpoint.load_model(fl.workdir, fl.config)
         if not tok_path.exists():
             raise FileNotFoundError(f"{tok_path} is missing: the workdir needs the tokenizer "
                                     "its model was trained with")
         tokenizer = load_tokenizer(tok_path, cfg.vocab_size)
         seq_len = fl.seq_len or (data.seq_len if fl.config else min(cfg.max_seq_len, 2048))
-        results = evaluate_sources(cfg, place(cfg, params), tokenizer, entries,
+        results = evaluate_sources(cfg, checkpoint.place(cfg, params), tokenizer, entries,
                                    data.validation_fraction, seq_len, fl.batch_size,
                                    fl.max_batches)
     except (ValueError, KeyError, OSError) as e:

@@ -1,7 +1,7 @@
 """Text generation with a KV cache: one prefill over the left-padded prompts, then one jitted
 decode step per token that attends to the cache instead of recomputing the prefix.
 
-  python -m llama_jax.generate --workdir=runs/tiny --config=configs/tiny.py --prompt="def "
+  python -m llama_jax.generate --workdir=runs/tiny --prompt="def "
   python -m llama_jax.generate --hf=HF_DIR --prompt="Hello" --temperature=0.8 --top_p=0.9
 
 Shapes are bucketed to powers of two (prompt length, cache length) and the sampling settings
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from llama_jax import checkpoint, convert
 from llama_jax.model import Llama, ModelConfig, init_cache
 
 
@@ -116,38 +117,11 @@ def generate(cfg: ModelConfig, params, prompts, max_new_tokens, sampling=Samplin
     return out
 
 
-def place(cfg: ModelConfig, params, mesh_config=None, rules="fsdp"):
-    """Puts the parameters on every device with the training sharding rules, so a model too big
-    for one device spreads over all of them; the jitted steps follow (GSPMD)."""
-    from llama_jax import sharding
-    mesh = sharding.make_mesh(mesh_config or {"data": 1, "fsdp": -1, "tensor": 1})
-    boxed = jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0),
-                                                   jnp.zeros((1, 8), jnp.int32))["params"])
-    return jax.device_put(params, sharding.tree_shardings(boxed, mesh, rules))
-
-
-def load_model(workdir=None, hf=None, config=None):
-    """(ModelConfig, params, tokenizer path) of a workdir (model.json or a config's model
-    section + latest checkpoint) or of a Hugging Face directory."""
-    from llama_jax import convert
-    if (workdir is None) == (hf is None):
-        raise ValueError("give exactly one of --workdir or --hf")
-    if hf:
-        cfg, params = convert.load_hf(hf)
-        return cfg, params, pathlib.Path(hf) / "tokenizer.model"
-    if config is not None:
-        from llama_jax.config import model_config
-        cfg = model_config(config)
-    else:
-        cfg = convert.load_config_json(workdir)
-    return cfg, convert.load_params(workdir), pathlib.Path(workdir) / "tokenizer.model"
-
-
 def define_flags():
     """Defined only when run as a program, so tests can import every entry point at once."""
     from ml_collections import config_flags
-    config_flags.DEFINE_config_file("config", None, "configs/*.py whose model section describes "
-                                    "a training workdir (not needed when it has model.json).")
+    config_flags.DEFINE_config_file("config", None, "configs/*.py the workdir was trained with; "
+                                    "needed only without model.json.")
     flags.DEFINE_string("workdir", None, "Workdir: latest checkpoint and tokenizer.model.")
     flags.DEFINE_string("hf", None, "Hugging Face model directory (instead of --workdir).")
     flags.DEFINE_string("tokenizer", None, "SentencePiece model; default: the one beside "
@@ -165,11 +139,19 @@ def main(argv):
     fl = flags.FLAGS
     if len(argv) > 1 or not fl.prompt:
         raise app.UsageError("give --prompt=TEXT (repeatable) and no positional arguments")
-    cfg, params, tok_path = load_model(fl.workdir, fl.hf, fl.config)
-    tok_path = pathlib.Path(fl.tokenizer or tok_path)
-    if not tok_path.exists():
-        raise FileNotFoundError(f"{tok_path} is missing: pass --tokenizer=PATH/tokenizer.model")
-    tokenizer = load_tokenizer(tok_path, cfg.vocab_size)
+    if (fl.workdir is None) == (fl.hf is None):
+        raise app.UsageError("give exactly one of --workdir=DIR or --hf=HF_DIR")
+    try:
+        cfg, params, tok_path = (convert.load_hf_model(fl.hf) if fl.hf
+                                 else checkpoint.load_model(fl.workdir, fl.config))
+        tok_path = pathlib.Path(fl.tokenizer or tok_path)
+        if not tok_path.exists():
+            raise FileNotFoundError(f"{tok_path} is missing: pass "
+                                    "--tokenizer=PATH/tokenizer.model")
+        tokenizer = load_tokenizer(tok_path, cfg.vocab_size)
+    except (ValueError, KeyError, OSError) as e:
+        # a known failure is one line that says the fix, not a traceback wall
+        sys.exit(f"error: {e}")
     prompts = [[tokenizer.bos_id()] + tokenizer.encode(p) for p in fl.prompt]
     generated, shown = [], [0]
 
@@ -182,7 +164,7 @@ def main(argv):
             shown[0] = len(text)
 
     sampling = Sampling(fl.temperature, fl.top_k, fl.top_p)
-    params = place(cfg, params)
+    params = checkpoint.place(cfg, params)
     sys.stdout.write(fl.prompt[0] if len(prompts) == 1 else "")
     outs = generate(cfg, params, prompts, fl.max_new_tokens, sampling, fl.seed,
                     tokenizer.eos_id(), stream)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax import generate as gen
+from llama_jax import checkpoint, convert, generate as gen
 from llama_jax.data.tokenizer import BOS_ID
 from llama_jax.model import Llama
 
@@ -45,7 +45,7 @@ def _target_logprobs(params, inputs, targets, *, cfg):
 class LlamaJaxLM(LM):
     def __init__(self, workdir=None, hf=None, config=None, batch_size=8, max_length=None,
                  device=None, max_batch_size=None, **unknown):
-        del device, max_batch_size  # lm-eval passes them; placement follows gen.place instead
+        del device, max_batch_size  # lm-eval passes them; placement follows checkpoint.place
         if unknown:  # a misspelt --model_args key would otherwise be a TypeError traceback
             raise ValueError(f"--model_args {sorted(unknown)} unknown: llama_jax takes workdir, "
                              "hf, config, batch_size and max_length")
@@ -57,12 +57,13 @@ class LlamaJaxLM(LM):
         if isinstance(config, str):  # a configs/*.py path, as given in --model_args
             from llama_jax.config import load_config
             config = load_config(config)
-        self.cfg, params, tok_path = gen.load_model(workdir, hf, config)
+        self.cfg, params, tok_path = (convert.load_hf_model(hf) if hf
+                                      else checkpoint.load_model(workdir, config))
         if not pathlib.Path(tok_path).exists():
             raise FileNotFoundError(f"{tok_path} is missing: put the model's tokenizer.model "
                                     "beside its weights")
         self.tokenizer = load_tokenizer(tok_path, self.cfg.vocab_size)
-        self.params = gen.place(self.cfg, params)
+        self.params = checkpoint.place(self.cfg, params)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_length = min(int(max_length or self.cfg.max_seq_len), self.cfg.max_seq_len)
 

@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from llama_jax import checkpoint, distributed, sharding, train_step
-from llama_jax.config import profile_range
+from llama_jax.config import model_config, profile_range
 from llama_jax.data import pipeline, tokenizer as tokenizer_lib
 from llama_jax.metrics import MetricsWriter, Throughput, truncate_metrics
 
@@ -96,6 +96,8 @@ def train(config, workdir):
     logging.info("mesh %s over %d devices; model %s, %.1fM parameters", dict(step.mesh.shape),
                  step.mesh.size, step.cfg, step.cfg.num_params() / 1e6)
     check_workdir(workdir, step.abstract)
+    if jax.process_index() == 0:  # as configured, not resolved: the workdir loads anywhere
+        checkpoint.write_model(workdir, model_config(config))
 
     # Phase 2: tokenizer and data, each process reading its own data shards.
     tokenizer = tokenizer_lib.shared_tokenizer(workdir, data, step.cfg.vocab_size)

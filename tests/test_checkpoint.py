@@ -1,5 +1,6 @@
 """Checkpoints, resume and failure handling: every row fails loudly or recovers exactly."""
 
+import dataclasses
 import json
 import re
 import os
@@ -16,8 +17,10 @@ import helpers
 import pytest
 
 from helpers import ROOT, micro_config, random_batch
-from llama_jax import checkpoint, sharding, train_step
+from llama_jax import checkpoint, convert, sharding, train_step
+from llama_jax.config import model_config
 from llama_jax.data import corpus
+from llama_jax.model import ModelConfig
 from llama_jax.metrics import read_metrics
 from llama_jax.train import train
 
@@ -51,6 +54,74 @@ def restored_params(workdir, config, step):
     state = ckpt.restore(step, abstract)
     ckpt.close()
     return state
+
+
+def test_a_training_workdir_serves_generate_and_convert_without_config(base_run, tmp_path):
+    """model.json records the model as configured, so the inference entry points need no
+    --config; a --config that disagrees with it is one line naming the fields."""
+    recorded = json.loads((base_run / "model.json").read_text())
+    assert recorded == dataclasses.asdict(model_config(config_for()))
+    assert recorded["attention"] == "auto" and not (base_run / "model.json.tmp").exists()
+    env = {"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+
+    def run(module, *args):
+        return subprocess.run([sys.executable, "-m", f"llama_jax.{module}", *args], env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    done = run("generate", f"--workdir={base_run}", "--prompt=def ", "--max_new_tokens=8")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("def ") and len(done.stdout.rstrip("\n")) > len("def ")
+
+    other = dict(recorded, n_layers=3)
+    (tmp_path / "other.py").write_text(
+        "from llama_jax.config import base_config\n\n\ndef get_config():\n"
+        f"    return base_config(**{other!r})\n")
+    done = run("generate", f"--workdir={base_run}", f"--config={tmp_path / 'other.py'}",
+               "--prompt=def ")
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: --config's model section differs from {base_run / 'model.json'} in n_layers "
+        "(config 3, model.json 2): drop --config to use the recorded model, or pass the config "
+        "this workdir was trained with")
+
+    done = run("convert", "--to=hf", f"--src={base_run}", f"--dst={tmp_path / 'hf'}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    cfg, params = convert.load_hf(tmp_path / "hf")
+    assert (cfg.vocab_size, cfg.dim, cfg.n_layers, cfg.n_kv_heads, cfg.ffn_dim) == \
+        (512, 64, 2, 2, 128)
+    trained = checkpoint.load_params(base_run)
+    assert jax.tree.structure(params) == jax.tree.structure(trained)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params),
+                                                    jax.tree.leaves(trained)))
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == \
+        (base_run / "tokenizer.model").read_bytes()
+
+
+def test_read_model_takes_a_matching_config_and_one_for_a_workdir_without_model_json(
+        base_run, tmp_path):
+    config = config_for()
+    assert checkpoint.read_model(base_run, config) == checkpoint.read_model(base_run)
+    config.model.rope_theta = 500000.0
+    with pytest.raises(checkpoint.CheckpointError, match=r"in rope_theta \(config 500000.0, "
+                       r"model.json 10000.0\): drop --config"):
+        checkpoint.read_model(base_run, config)
+    assert checkpoint.read_model(tmp_path, config).rope_theta == 500000.0
+    cfg, _, tokenizer_path = checkpoint.load_model(base_run)
+    assert cfg.attention == "xla" and tokenizer_path == base_run / "tokenizer.model"
+
+
+def test_load_params_reads_only_the_params_of_a_training_state(base_run):
+    params = checkpoint.load_params(base_run)
+    expected = jax.device_get(restored_params(base_run, config_for(), 4).params)
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params))
+    jax.tree.map(np.testing.assert_array_equal, params, expected)
+
+
+def test_a_tokenizer_bigger_than_the_vocabulary_writes_nothing(base_run, tmp_path):
+    cfg = ModelConfig(vocab_size=101, dim=32, n_layers=1, n_heads=4)
+    with pytest.raises(ValueError, match="512 pieces but model.vocab_size is 101"):
+        checkpoint.save_params(tmp_path / "wd", cfg, None, base_run / "tokenizer.model")
+    assert not list((tmp_path / "wd").iterdir())
 
 
 def test_checkpoints_are_kept_by_count_and_period(tmp_path):
@@ -163,6 +234,9 @@ ROWS = [
      lambda c, w: _set(c, "train.warmup_steps", 10), "warmup_steps=10 is not shorter"),
     ("checkpoint from a different model",
      lambda c, w: _set(c, "model.ffn_dim", 192),
+     "model.ffn_dim is 128 in its model.json but 192 in this config; use a new --workdir"),
+    ("checkpoint from a different model, no model.json",
+     lambda c, w: [_set(c, "model.ffn_dim", 192), (w / "model.json").unlink()],
      r"\['w1'\] has shape \(2, 64, 128\) in the checkpoint but \(2, 64, 192\)"),
     ("corrupt checkpoint",
      lambda c, w: [f.write_bytes(b"garbage") for f in (w / "checkpoints" / "4" / "state").rglob(

@@ -6,14 +6,13 @@ import sys
 
 import jax
 import numpy as np
-import helpers
 import pytest
 import torch
 from safetensors.numpy import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from helpers import ROOT
-from llama_jax import convert
+from llama_jax import checkpoint, convert
 from llama_jax.model import Llama
 
 SHAPES = {  # (vocab, dim, layers, heads, kv heads, ffn, tied, rope theta)
@@ -168,33 +167,13 @@ def test_cli_hf_to_workdir_and_back(tmp_path):
     env = {"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
     subprocess.run(run + ["--from=hf", f"--src={tmp_path / 'hf'}", f"--dst={tmp_path / 'wd'}"],
                    check=True, env=env, capture_output=True)
-    cfg = convert.load_config_json(tmp_path / "wd")
+    cfg = checkpoint.read_model(tmp_path / "wd")
     assert (cfg.vocab_size, cfg.n_kv_heads, cfg.rope_theta) == (257, 2, 500000.0)
     subprocess.run(run + ["--to=hf", f"--src={tmp_path / 'wd'}", f"--dst={tmp_path / 'back'}"],
                    check=True, env=env, capture_output=True)
     back = load_file(tmp_path / "back" / "model.safetensors")
     for key, array in model.state_dict().items():
         assert np.array_equal(back[key], array.numpy()), key
-
-
-def test_params_of_a_training_checkpoint_are_read(tmp_path):
-    import jax
-    import jax.numpy as jnp
-    from llama_jax import checkpoint, optim
-    from llama_jax.config import base_config
-    from llama_jax.train_step import TrainState
-    model = hf_model("mha")
-    model.save_pretrained(tmp_path / "hf")
-    cfg, params = convert.load_hf(tmp_path / "hf")
-    tx, _ = optim.make_optimizer(base_config().train)
-    params = jax.tree.map(jnp.asarray, params)
-    state = TrainState(step=jnp.array(7), params=params, opt_state=tx.init(params))
-    ckpt = checkpoint.Checkpointer(tmp_path / "run")
-    ckpt.save(7, state, {"config": "{}", "process_count": 1, "tokenizer": "none"})
-    ckpt.close()
-    restored = convert.load_params(tmp_path / "run")
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(restored),
-                                                    jax.tree.leaves(params)))
 
 
 @pytest.mark.parametrize("edit, error, match", [
@@ -222,23 +201,12 @@ def test_missing_hf_tensor_is_named(tmp_path):
         convert.load_hf(tmp_path)
 
 
-def test_a_tokenizer_bigger_than_the_vocabulary_is_an_error(tmp_path):
-    from llama_jax.data import corpus
-    helpers.train_tokenizer(corpus.stdlib_files("train")[:20], 400, tmp_path / "tok.model",
-                            3000)
-    model = hf_model("mha")  # 101 embeddings
-    model.save_pretrained(tmp_path / "hf")
-    cfg, params = convert.load_hf(tmp_path / "hf")
-    with pytest.raises(ValueError, match="400 pieces but model.vocab_size is 101"):
-        convert.save_workdir(cfg, params, tmp_path / "wd", tmp_path / "tok.model")
-
-
-def test_generate_loads_a_hugging_face_directory(tmp_path):
-    from llama_jax.generate import load_model
+def test_a_hugging_face_directory_loads_for_inference(tmp_path):
     model = hf_model("mqa_tied")
     model.save_pretrained(tmp_path / "hf")
-    cfg, params, tokenizer_path = load_model(hf=tmp_path / "hf")
+    cfg, params, tokenizer_path = convert.load_hf_model(tmp_path / "hf")
     assert tokenizer_path == tmp_path / "hf" / "tokenizer.model"
+    assert cfg.attention == "xla"  # "auto" resolved for this (CPU) backend
     tokens = tokens_for(model)
     np.testing.assert_allclose(our_logits(cfg, params, tokens), hf_logits(model, tokens),
                                atol=1e-5, rtol=0)
@@ -257,7 +225,7 @@ def test_bfloat16_checkpoints_stay_bfloat16_bit_exactly(tmp_path):
 
 def test_a_converted_workdir_starts_a_training_run_via_init_from(tmp_path):
     from helpers import micro_config
-    from llama_jax import checkpoint, sharding, train_step
+    from llama_jax import sharding, train_step
     config = micro_config()  # V=512 D=64 L=2 H=4 K=2 F=128, as the HF model below
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
@@ -266,7 +234,7 @@ def test_a_converted_workdir_starts_a_training_run_via_init_from(tmp_path):
         tie_word_embeddings=False)).eval()
     model.save_pretrained(tmp_path / "hf")
     cfg, params = convert.load_hf(tmp_path / "hf")
-    convert.save_workdir(cfg, params, tmp_path / "wd")
+    checkpoint.save_params(tmp_path / "wd", cfg, params)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     config.sharding_rules = "fsdp_tp"
     abstract = train_step.build(config, mesh).abstract

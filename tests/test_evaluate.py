@@ -14,7 +14,7 @@ import helpers
 import pytest
 
 from helpers import ROOT
-from llama_jax import convert, evaluate
+from llama_jax import checkpoint, evaluate
 from llama_jax.config import base_config
 from llama_jax.data import corpus, tokenizer as tokenizer_lib
 from llama_jax.model import Llama, ModelConfig
@@ -169,7 +169,7 @@ def test_each_source_is_scored_on_its_own_documents_and_all_is_their_token_mean(
 
 
 def test_evaluate_command_reports_each_source_and_fails_in_one_line(tokenizer_path, tmp_path):
-    convert.save_workdir(CFG, params_for(CFG, seed=2), tmp_path / "wd", tokenizer_path)
+    checkpoint.save_params(tmp_path / "wd", CFG, params_for(CFG, seed=2), tokenizer_path)
     data = two_source_data(tmp_path)
     (tmp_path / "cfg.py").write_text(
         "from llama_jax.config import base_config\n\n\ndef get_config():\n"
@@ -193,8 +193,8 @@ def test_evaluate_command_reports_each_source_and_fails_in_one_line(tokenizer_pa
          "error: --sources names ['prose'], which data.sources does not have (it has "
          "['code', 'notes']): fix the names or the config"),
         ((f"--workdir={tmp_path / 'none'}",),
-         f"error: {tmp_path / 'none' / 'model.json'} is missing: convert into this workdir "
-         "with `python -m llama_jax.convert` or pass --config"),
+         f"error: {tmp_path / 'none' / 'model.json'} is missing: point --workdir at a "
+         "training or converted workdir, or pass the --config it was trained with"),
     ]:
         done = run(*args)
         assert done.returncode != 0

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax import generate as gen
+from llama_jax import checkpoint, generate as gen
 from llama_jax.model import Llama, ModelConfig
 
 CFG = ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
@@ -119,7 +119,7 @@ def test_stops_at_eos_per_row_and_rejects_long_prompts():
 
 def test_parameters_sharded_over_8_devices_generate_the_same_tokens():
     params = params_for(CFG)
-    placed = gen.place(CFG, params)
+    placed = checkpoint.place(CFG, params)
     wq = placed["layers"]["attention"]["wq"]  # [L, D, H, E]: D split over fsdp
     assert len(wq.sharding.device_set) == 8 and wq.sharding.spec[1] == "fsdp"
     assert wq.addressable_shards[0].data.shape == (2, 32 // 8, 4, 8)

@@ -13,7 +13,7 @@ import helpers
 import pytest
 
 from helpers import ROOT
-from llama_jax import cli, convert, generate as gen
+from llama_jax import checkpoint, cli, generate as gen
 from llama_jax.data import corpus
 from llama_jax.lm_eval_adapter import LlamaJaxLM
 from llama_jax.model import Llama, ModelConfig
@@ -64,7 +64,7 @@ def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_eval")
     helpers.train_tokenizer(corpus.stdlib_files("train")[:20], 400, root / "tok.model",
                                   3000)
-    convert.save_workdir(CFG, params_for(CFG, seed=4), root / "wd", root / "tok.model")
+    checkpoint.save_params(root / "wd", CFG, params_for(CFG, seed=4), root / "tok.model")
     return root / "wd"
 
 
@@ -194,8 +194,8 @@ def test_lm_eval_command_keeps_the_builtin_models_and_errs_in_one_line(tmp_path,
     with pytest.raises(SystemExit) as exited:
         run_lm_eval_command(tmp_path, monkeypatch, "--model_args", f"workdir={tmp_path / 'none'}")
     assert str(exited.value.code) == (
-        f"error: {tmp_path / 'none' / 'model.json'} is missing: convert into this workdir with "
-        "`python -m llama_jax.convert` or pass --config")
+        f"error: {tmp_path / 'none' / 'model.json'} is missing: point --workdir at a training or "
+        "converted workdir, or pass the --config it was trained with")
     with pytest.raises(ValueError, match=r"^--model_args \['workdri'\] unknown: llama_jax takes"):
         LlamaJaxLM(workdri=str(tmp_path))
     with pytest.raises(ValueError, match="exactly one of workdir=DIR or hf=HF_DIR"):
