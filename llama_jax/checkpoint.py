@@ -27,7 +27,8 @@ from absl import logging
 from llama_jax import sharding
 from llama_jax.config import model_config
 from llama_jax.data.tokenizer import load_tokenizer
-from llama_jax.model import Llama, ModelConfig, resolve_attention
+from llama_jax.attention import resolve_attention
+from llama_jax.model import Llama, ModelConfig
 
 # the ModelConfig fields that decide the parameter tree; a resume may change the others
 SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",

@@ -16,6 +16,7 @@ import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax.attention import ATTENTION, causal_attention, reference_attention
+from llama_jax.sharding import constrain
 
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation: every activation is kept
@@ -26,6 +27,11 @@ REMAT_POLICIES = {
     "minimal": jax.checkpoint_policies.save_only_these_names("attn_out", "mlp_out"),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# logical axes of the activations that decide the layout (sharding.py maps them)
+HIDDEN = ("batch", "length", "activation_embed")  # [B, T, D]
+QUERY = ("batch", "length", "heads", "head_dim")  # [B, T, H, E]
+KEY_VALUE = ("batch", "length", "kv_heads", "head_dim")  # [B, T, K, E]
+MLP_HIDDEN = ("batch", "length", "mlp")  # [B, T, F]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,8 +154,9 @@ class Attention(nn.Module):
         wk = _param(self, "wk", init, (d, k, e), ("embed", "kv_heads", "head_dim"), cfg)
         wv = _param(self, "wv", init, (d, k, e), ("embed", "kv_heads", "head_dim"), cfg)
         wo = _param(self, "wo", _dense_init(h * e), (h, e, d), ("heads", "head_dim", "embed"), cfg)
-        q, key, v = linear(x, wq), linear(x, wk), linear(x, wv)
-        q, key = rope(q, positions, cfg.rope_theta), rope(key, positions, cfg.rope_theta)
+        q = constrain(rope(linear(x, wq), positions, cfg.rope_theta), QUERY)
+        key = constrain(rope(linear(x, wk), positions, cfg.rope_theta), KEY_VALUE)
+        v = constrain(linear(x, wv), KEY_VALUE)
         if kv is None:
             out = causal_attention(q, key, v, segment_ids, cfg.attention)
         else:  # decoding attends over cache slots: always the reference (it is one query row)
@@ -157,7 +164,8 @@ class Attention(nn.Module):
             key = jax.lax.dynamic_update_slice(kv[0], key.astype(kv[0].dtype), start)
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
             out = reference_attention(q, key, v, mask)
-        out = checkpoint_name(linear(out, wo, in_dims=2), "attn_out")
+        out = constrain(out, QUERY)
+        out = checkpoint_name(constrain(linear(out, wo, in_dims=2), HIDDEN), "attn_out")
         return out if kv is None else (out, (key, v))
 
 
@@ -171,8 +179,8 @@ class MLP(nn.Module):
         w1 = _param(self, "w1", _dense_init(d), (d, f), ("embed", "mlp"), cfg)  # gate
         w3 = _param(self, "w3", _dense_init(d), (d, f), ("embed", "mlp"), cfg)  # up
         w2 = _param(self, "w2", _dense_init(f), (f, d), ("mlp", "embed"), cfg)  # down
-        gate, up = linear(x, w1), linear(x, w3)
-        return checkpoint_name(linear(nn.silu(gate) * up, w2), "mlp_out")
+        gate, up = constrain(linear(x, w1), MLP_HIDDEN), constrain(linear(x, w3), MLP_HIDDEN)
+        return checkpoint_name(constrain(linear(nn.silu(gate) * up, w2), HIDDEN), "mlp_out")
 
 
 class Block(nn.Module):
@@ -183,9 +191,9 @@ class Block(nn.Module):
         attn = Attention(self.cfg, name="attention")(
             RMSNorm(self.cfg, name="attention_norm")(x), positions, segment_ids, kv, index, mask)
         attn, kv = attn if kv is not None else (attn, None)
-        x = x + attn
+        x = constrain(x + attn, HIDDEN)
         x = x + MLP(self.cfg, name="feed_forward")(RMSNorm(self.cfg, name="ffn_norm")(x))
-        return x, kv  # (carry, per-layer output) so the same block runs under nn.scan
+        return constrain(x, HIDDEN), kv  # (carry, per-layer output) so the same block runs under nn.scan
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int):
@@ -232,7 +240,7 @@ class Llama(nn.Module):
             extra = ((cache["k"], cache["v"]), cache["index"], mask)
         embed = _param(self, "tok_embeddings", nn.initializers.normal(0.02),
                        (cfg.vocab_size, cfg.dim), ("vocab", "embed"), cfg)
-        x = jnp.take(embed, tokens, axis=0).astype(DTYPES[cfg.dtype])  # [B, T, D]
+        x = constrain(jnp.take(embed, tokens, axis=0).astype(DTYPES[cfg.dtype]), HIDDEN)
 
         block = Block if cfg.remat == "none" else nn.remat(
             Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
@@ -252,7 +260,7 @@ class Llama(nn.Module):
                 kvs.append(layer_kv)
             kv = jax.tree.map(lambda *a: jnp.stack(a), *kvs) if extra else None
 
-        x = RMSNorm(cfg, name="norm")(x)
+        x = constrain(RMSNorm(cfg, name="norm")(x), HIDDEN)  # [B, T, D], into the loss
         out = _param(self, "output", _dense_init(cfg.dim), (cfg.dim, cfg.vocab_size),
                      ("embed", "vocab"), cfg)
         # return_hidden: the loss projects in chunks, so [B, T, V] never exists at once

@@ -16,17 +16,23 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # the batch dimension is split over both data-parallel axes
 
 # logical name -> mesh axis (or None: replicated). Both presets name every logical axis.
+# Parameters and activations share names where they share a layout (heads, mlp, vocab); the
+# model dim differs: a weight's is split over fsdp (ZeRO-3), an activation's never is, since
+# its batch already is. Without the activation names GSPMD is free to follow the weights'
+# fsdp split into the activations, and did: the xla-attention step held the global batch's
+# MLP hidden on every device (docs/distributed.md, "Activation sharding").
 RULES = {
     # ZeRO-3 style: every matrix is split over fsdp along its model dim; the rest replicated.
     "fsdp": {
         "batch": BATCH, "embed": "fsdp", "vocab": None, "heads": None, "kv_heads": None,
         "head_dim": None, "mlp": None, "norm": None, "layers": None, "length": None,
+        "activation_embed": None,
     },
     # fsdp plus Megatron tensor parallelism over heads, the ffn dim and the vocabulary.
     "fsdp_tp": {
         "batch": BATCH, "embed": "fsdp", "vocab": "tensor", "heads": "tensor",
         "kv_heads": "tensor", "head_dim": None, "mlp": "tensor", "norm": None, "layers": None,
-        "length": None,
+        "length": None, "activation_embed": None,
     },
 }
 
@@ -138,6 +144,16 @@ def activation_spec(names):
         return None
     mesh, rules = active
     return mesh, logical_to_mesh(names, rules)
+
+
+def constrain(x, names):
+    """x laid out by its logical axis names in the step being traced (a sharding constraint);
+    unchanged outside one. The model calls this on the few activations that decide the layout."""
+    placed = activation_spec(names)
+    if placed is None:
+        return x
+    mesh, spec = placed
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def rules_for(rules_name):
