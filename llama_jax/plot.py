@@ -3,7 +3,7 @@ figure, read from each workdir's metrics.jsonl.
 
   python -m llama_jax.plot --workdir=runs/a --workdir=runs/b --out=loss.png
 
-matplotlib is an optional extra: pip install 'llama_jax[plot]'.
+matplotlib comes with the package (requirements.txt pins it).
 """
 
 import pathlib
@@ -13,7 +13,7 @@ from absl import app, flags
 
 from llama_jax.metrics import read_metrics
 
-INSTALL_HINT = "pip install 'llama_jax[plot]'"
+INSTALL_HINT = "pip install -r requirements.txt (or: pip install matplotlib==3.11.2)"
 
 
 def define_flags():
