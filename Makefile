@@ -7,8 +7,6 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): requirements.txt setup.cfg
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	# older pins had tensorflow-cpu, which shares the tensorflow/ folder with tensorflow
-	$(VENV)/bin/pip uninstall --disable-pip-version-check -y -q tensorflow-cpu 2>/dev/null || true
 	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements.txt
 	$(VENV)/bin/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)

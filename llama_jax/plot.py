@@ -3,7 +3,7 @@ figure, read from each workdir's metrics.jsonl.
 
   python -m llama_jax.plot --workdir=runs/a --workdir=runs/b --out=loss.png
 
-matplotlib is an optional extra: pip install 'llama_jax[plot]'.
+matplotlib comes with the package (requirements.txt pins it).
 """
 
 import pathlib
@@ -13,7 +13,7 @@ from absl import app, flags
 
 from llama_jax.metrics import read_metrics
 
-INSTALL_HINT = "pip install 'llama_jax[plot]'"
+INSTALL_HINT = "pip install -r requirements.txt (or: pip install matplotlib==3.11.2)"
 
 
 def define_flags():
@@ -58,20 +58,36 @@ def labels(workdirs):
     return [name if names.count(name) == 1 else str(w) for name, w in zip(names, workdirs)]
 
 
+# the first losses (about ln V) dwarf the later ones: over a wider span than this factor a log
+# axis keeps the late part readable; over a narrow range it would only waste the ticks
+LOG_SCALE_SPAN = 1.5
+
+
+def y_scale(losses):
+    """"log" or "linear" for a loss axis holding these values."""
+    return "log" if max(losses) / min(losses) > LOG_SCALE_SPAN else "linear"
+
+
+def series(runs):
+    """What draw_runs draws, in order: (label, tokens, losses, kind, colour index) with kind
+    "train" for every run and "eval" for each run that has evaluations."""
+    out = []
+    for index, (label, run) in enumerate(runs.items()):
+        out.append((f"{label} train", *run["train"], "train", index % 10))
+        if run["eval"][0]:
+            out.append((f"{label} eval", *run["eval"], "eval", index % 10))
+    return out
+
+
 def draw_runs(ax, runs):
     """Draws {label: curves} on ax: one colour per run, train thin, eval with markers."""
     from matplotlib.ticker import EngFormatter
-    losses = []
-    for index, (label, run) in enumerate(runs.items()):
-        color = f"C{index % 10}"
-        ax.plot(*run["train"], color=color, linewidth=1, alpha=0.6, label=f"{label} train")
-        if run["eval"][0]:
-            ax.plot(*run["eval"], color=color, linewidth=2, marker="o", markersize=4,
-                    label=f"{label} eval")
-        losses += run["train"][1] + run["eval"][1]
-    # the first losses (about ln V) dwarf the later ones: a log axis keeps the late part
-    # readable; over a narrow range it would only waste the ticks
-    if max(losses) / min(losses) > 1.5:
+    style = {"train": dict(linewidth=1, alpha=0.6),
+             "eval": dict(linewidth=2, marker="o", markersize=4)}
+    drawn = series(runs)
+    for label, tokens, losses, kind, colour in drawn:
+        ax.plot(tokens, losses, color=f"C{colour}", label=label, **style[kind])
+    if y_scale([y for _, _, losses, _, _ in drawn for y in losses]) == "log":
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter("{x:g}")
         ax.yaxis.set_minor_formatter("{x:g}")

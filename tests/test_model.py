@@ -28,10 +28,35 @@ def test_ffn_dim_follows_multiple_of_rounding():
             [(4096, 32), (5120, 40), (6656, 52), (8192, 64)]] == [11008, 13824, 17920, 22016]
 
 
-def test_flops_per_token_is_6n_plus_causal_attention():
-    cfg = ModelConfig(32000, 4096, 32, 32)
-    # the input embedding is a lookup, not a matmul: its 32000 x 4096 weights do no FLOPs
-    assert cfg.flops_per_token(2048) == 6 * (6_738_415_616 - 32000 * 4096) + 6 * 32 * 2048 * 4096
+def test_flops_per_token_matches_what_xla_counts_in_the_compiled_step():
+    """XLA's own FLOP count of the compiled forward + backward of an unrolled small model against
+    flops_per_token x tokens. XLA counts a little more: the elementwise work (norms, rope,
+    softmax, SwiGLU, logsumexp) and the masked upper half of the attention scores, which the
+    xla attention computes and causal counting leaves out. At these sizes matmuls dominate and
+    the measured ratio is 1.021 (jax 0.10.2, CPU). Every analytic term is larger than the 3%
+    margin here: dropping attention would give 1.037, counting the input embedding as a matmul
+    0.82, dropping the output projection 1.35, so each would fail."""
+    import flax.linen as nn
+    from helpers import random_batch
+    from llama_jax import train_step
+    batch_size, seq_len = 8, 64
+    cfg = ModelConfig(vocab_size=2048, dim=256, n_layers=2, n_heads=4, ffn_dim=688,
+                      max_seq_len=seq_len, remat="none", scan_layers=False, attention="xla")
+    model = Llama(cfg)
+    params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0),
+                                                        jnp.zeros((1, seq_len), jnp.int32))))
+    batch = jax.eval_shape(lambda: random_batch(jax.random.key(0), batch_size, seq_len, 2048))
+    grad = jax.grad(lambda p, b: train_step.loss_fn(p, b, model, 0)[0])
+    counted = jax.jit(grad).lower(params["params"], batch).compile().cost_analysis()["flops"]
+    ratio = counted / (cfg.flops_per_token(seq_len) * batch_size * seq_len)
+    assert 1.0 <= ratio < 1.03, ratio
+
+
+def test_7b_flops_per_token_is_the_papers_6n_less_the_embedding_lookup():
+    # REFERENCE.md: 6 * N with N = 6,738,415,616, plus causal attention 6 * L * T * D; the input
+    # embedding (2% of N at 7B) is a lookup, so our count is below that by less than its share
+    reference = 6 * 6_738_415_616 + 6 * 32 * 2048 * 4096
+    assert 0.98 < ModelConfig(32000, 4096, 32, 32).flops_per_token(2048) / reference < 1
 
 
 @pytest.mark.parametrize("bad, message", [

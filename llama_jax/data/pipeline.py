@@ -12,25 +12,29 @@ import os
 import jax
 import numpy as np
 from absl import logging
-import tensorflow as tf
-import tensorflow_text as tf_text
 
-from llama_jax.data import sources as sources_lib
+from llama_jax import quiet
 
-# the full tensorflow package (tensorflow-text needs it) would otherwise claim accelerator memory
-# that belongs to JAX; the input pipeline runs on the host CPU
-try:
-    tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # TensorFlow was already initialised by the caller: its choice stands
-    pass
+with quiet.native_notices_filtered():  # TensorFlow's native start-up notices
+    import tensorflow as tf
+    import tensorflow_text as tf_text
+    # the full tensorflow package (tensorflow-text needs it) would otherwise claim accelerator
+    # memory that belongs to JAX; the input pipeline runs on the host CPU
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TensorFlow was already initialised by the caller: its choice stands
+        pass
+
+from llama_jax.data import sources as sources_lib  # noqa: E402
 
 MIX_BLOCK = 1000  # rows per block of the mixture schedule: shares are exact within a block
 
 
 def tokenize(docs, model_proto):
     """Dataset of strings -> dataset of int32 [n] ids, BOS and EOS around each document."""
-    sp = tf_text.SentencepieceTokenizer(model=model_proto, out_type=tf.int32, add_bos=True,
-                                        add_eos=True)
+    with quiet.native_notices_filtered():  # the op logs that our identity normaliser is empty
+        sp = tf_text.SentencepieceTokenizer(model=model_proto, out_type=tf.int32, add_bos=True,
+                                            add_eos=True)
     docs = docs.filter(lambda text: tf.strings.length(tf.strings.strip(text)) > 0)
     return docs.map(sp.tokenize, num_parallel_calls=tf.data.AUTOTUNE)
 

@@ -7,11 +7,14 @@ can be checkpointed and resumed exactly.
 
 import re
 
-import tensorflow as tf
-import tensorflow_datasets as tfds
+from llama_jax import quiet
+
+with quiet.native_notices_filtered():  # TensorFlow's native start-up notices
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
 
 # importing stdlib_tfds registers the llama_jax_stdlib builder, so tfds= can name it
-from llama_jax.data import corpus, stdlib_tfds  # noqa: F401
+from llama_jax.data import corpus, stdlib_tfds  # noqa: F401, E402
 
 # keys an entry may carry besides name and weight, per kind; anything else is a typo
 KINDS = {

@@ -1,0 +1,74 @@
+"""The quiet start-up (llama_jax/quiet.py): a train run prints our lines only, LLAMA_JAX_VERBOSE=1
+brings the libraries' notices back, and nothing but the known notices is ever held back."""
+
+import logging
+import os
+import re
+import subprocess
+import sys
+
+from helpers import ROOT
+from llama_jax import quiet
+
+# what the first screen of `make train` showed before: TensorFlow's native notices, its CUDA
+# probe, libtpu probing a host without a TPU, and Orbax's bookkeeping
+HIDDEN = ("oneDNN", "cudart_stub", "absl::InitializeLog", "cuInit", "TPU accelerator",
+          "precompiled_charsmap", "orbax")
+ABSL_INFO = re.compile(r"^I\d{4} [\d:.]+ +\d+ (\S+\.py):\d+\] ", re.M)
+
+
+def train_output(workdir, **env):
+    """stdout + stderr of a few-second train run, with no test-session settings inherited."""
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("TF_CPP_MIN_LOG_LEVEL", "JAX_PLATFORMS", "XLA_FLAGS",
+                          "LLAMA_JAX_VERBOSE")}
+    small = ["--config.model.dim=32", "--config.model.n_heads=2", "--config.model.ffn_dim=64",
+             "--config.model.n_layers=1", "--config.data.seq_len=32",
+             "--config.model.vocab_size=512", "--config.data.tokenizer_vocab_size=512",
+             "--config.data.tokenizer_sample_lines=20000", "--config.train.warmup_steps=1",
+             "--config.train.steps=2", "--config.train.log_every=2",
+             "--config.train.eval_every=2", "--config.train.eval_batches=1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "llama_jax.train", "--config=configs/tiny.py",
+         f"--workdir={workdir}", *small],
+        cwd=ROOT, env={**clean, **env}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def test_train_prints_only_our_lines_unless_verbose(tmp_path):
+    out = train_output(tmp_path / "quiet")
+    assert "Run summary: 2 steps" in out
+    assert [marker for marker in HIDDEN if marker in out] == [], out[-3000:]
+    # every INFO line comes from one of our files (train.py, metrics.py, ...)
+    ours = {path.name for path in (ROOT / "llama_jax").rglob("*.py")}
+    sources = set(ABSL_INFO.findall(out))
+    assert "train.py" in sources and sources <= ours, sources - ours
+
+    loud = train_output(tmp_path / "verbose", LLAMA_JAX_VERBOSE="1")
+    assert "Run summary: 2 steps" in loud
+    assert [marker for marker in HIDDEN if marker in loud], loud[-3000:]
+
+
+def test_native_filter_holds_back_known_notices_only(capfd):
+    with quiet.native_notices_filtered():
+        os.write(2, b"I0000 port.cc:153] oneDNN custom operations are on. You may see ...\n")
+        os.write(2, b"E0000 something.cc:1] a real failure\n")
+        os.write(2, b"I0000 cuda_platform.cc:52] failed call to cuInit: UNKNOWN ERROR (303)\n")
+    err = capfd.readouterr().err
+    assert err == "E0000 something.cc:1] a real failure\n"
+
+
+def test_library_info_is_dropped_but_warnings_and_our_info_pass(monkeypatch):
+    monkeypatch.setattr(quiet, "VERBOSE", False)
+    keep = quiet.LibraryInfoFilter().filter
+
+    def record(path, level):
+        return logging.LogRecord("absl", level, path, 1, "message", None, None)
+
+    orbax = "/venv/site-packages/orbax/checkpoint/checkpoint_manager.py"
+    assert not keep(record(orbax, logging.INFO))
+    assert keep(record(orbax, logging.WARNING))
+    assert keep(record(str(ROOT / "llama_jax" / "checkpoint.py"), logging.INFO))
+    monkeypatch.setattr(quiet, "VERBOSE", True)  # LLAMA_JAX_VERBOSE=1
+    assert keep(record(orbax, logging.INFO))
