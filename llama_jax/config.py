@@ -46,6 +46,9 @@ def base_config(**model) -> ml_collections.ConfigDict:
         lr=3.0e-4, warmup_steps=2000, final_lr_fraction=0.1,
         b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0,
         loss_chunk_size=0,  # sequence positions per output-projection chunk; 0 = whole sequence
+        # gradient accumulation: the global batch is run as this many microbatches, one at a
+        # time, then one optimizer update; activation memory is one microbatch's
+        microbatches=1,
         seed=0, log_every=10, eval_every=1000, eval_batches=8,
         on_nan="abort",  # or "skip": drop the non-finite update and go on
     ))
@@ -101,6 +104,15 @@ def validate(config, mesh):
     if data.global_batch_size % shards:
         errors.append(f"data.global_batch_size={data.global_batch_size} is not divisible by "
                       f"mesh data*fsdp={shards}: make it a multiple of {shards}")
+    micro = train.microbatches
+    if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1:
+        errors.append(f"train.microbatches={micro!r} must be a positive integer (1 = no "
+                      "gradient accumulation)")
+    elif data.global_batch_size % shards == 0 and data.global_batch_size % (micro * shards):
+        # each microbatch is split over all data*fsdp devices, so it must divide evenly too
+        errors.append(f"data.global_batch_size={data.global_batch_size} is not divisible by "
+                      f"train.microbatches={micro} x mesh data*fsdp={shards}: make it a "
+                      f"multiple of {micro * shards} or change train.microbatches")
     if data.seq_len > cfg.max_seq_len:
         errors.append(f"data.seq_len={data.seq_len} exceeds model.max_seq_len="
                       f"{cfg.max_seq_len}: lower seq_len or raise max_seq_len")

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llama_jax import optim, sharding
 from llama_jax.config import validate
@@ -109,11 +110,20 @@ def loss_fn(params, batch, model, chunk_size):
     return total / jnp.maximum(count, 1.0), count
 
 
-def train_step(state, batch, *, model, tx, schedule, chunk_size):
+def train_step(state, batch, *, model, tx, schedule, chunk_size, microbatches=1,
+               microbatch_sharding=None, param_shardings=None):
     """One optimizer step. A non-finite loss or gradient drops the update (params and optimizer
-    state stay as they were) and reports finite=0; train.py decides whether to stop."""
-    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, model, chunk_size)
+    state stay as they were) and reports finite=0; train.py decides whether to stop.
+
+    With microbatches > 1 the gradient of the same global batch is accumulated one microbatch
+    at a time (accumulated_grads), so activations are held for one microbatch only."""
+    if microbatches == 1:  # one forward/backward, no scan
+        (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, batch, model, chunk_size)
+    else:
+        loss, count, grads = accumulated_grads(state.params, batch, model, chunk_size,
+                                               microbatches, microbatch_sharding,
+                                               param_shardings)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -128,9 +138,60 @@ def train_step(state, batch, *, model, tx, schedule, chunk_size):
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch, *, model, chunk_size):
-    """Summed loss and token count, so batches average exactly."""
-    total, count = summed_loss(params, batch, model, chunk_size)
+def split_microbatches(batch, microbatches, microbatch_sharding):
+    """[B, T] -> [N, B/N, T], row i of microbatch m being global row i*N + m.
+
+    The batch arrives split over the batch axes in contiguous blocks of rows; taking every N-th
+    row keeps each device's rows on that device (no communication) and spreads every
+    microbatch over all batch-sharded devices, instead of giving microbatch m to a few of them.
+    """
+    def split(x):
+        b = x.shape[0]
+        x = jnp.swapaxes(x.reshape(b // microbatches, microbatches, *x.shape[1:]), 0, 1)
+        return jax.lax.with_sharding_constraint(x, microbatch_sharding)
+    return jax.tree.map(split, batch)
+
+
+def accumulated_grads(params, batch, model, chunk_size, microbatches, microbatch_sharding,
+                      param_shardings):
+    """(mean loss, token count, grads) of the global batch, scanning over its microbatches.
+
+    Each microbatch contributes its summed loss and summed gradient; dividing once by the
+    total token count at the end weights every token equally, as the one-piece step does,
+    however the masked tokens fall between microbatches. The float32 accumulator is
+    constrained to the parameters' shardings, so it costs one sharded copy of the params.
+    """
+    def constrain(grads):
+        return jax.lax.with_sharding_constraint(grads, param_shardings)
+
+    def body(carry, micro):
+        acc, total, count = carry
+        (micro_total, micro_count), grads = jax.value_and_grad(summed_loss, has_aux=True)(
+            params, micro, model, chunk_size)
+        acc = constrain(jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads))
+        return (acc, total + micro_total, count + micro_count), None
+
+    zeros = constrain(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    (acc, total, count), _ = jax.lax.scan(
+        body, init, split_microbatches(batch, microbatches, microbatch_sharding))
+    denominator = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda a, p: (a / denominator).astype(p.dtype), acc, params)
+    return total / denominator, count, grads
+
+
+def eval_step(params, batch, *, model, chunk_size, microbatches=1, microbatch_sharding=None):
+    """Summed loss and token count, so batches average exactly. With microbatches > 1 the batch
+    is evaluated one microbatch at a time, so evaluation fits wherever training does."""
+    if microbatches == 1:
+        total, count = summed_loss(params, batch, model, chunk_size)
+    else:
+        def body(carry, micro):
+            micro_total, micro_count = summed_loss(params, micro, model, chunk_size)
+            return (carry[0] + micro_total, carry[1] + micro_count), None
+        zero = jnp.zeros((), jnp.float32)
+        (total, count), _ = jax.lax.scan(
+            body, (zero, zero), split_microbatches(batch, microbatches, microbatch_sharding))
     return {"loss_sum": total, "tokens": count}
 
 
@@ -193,9 +254,12 @@ def build(config, mesh) -> Step:
                                           config.data.seq_len)
     chunk_size = config.train.loss_chunk_size
     rules = config.sharding_rules
+    # microbatches [N, B/N, T]: the leading axis is scanned, each one split like the batch
+    micro = dict(microbatches=config.train.microbatches,
+                 microbatch_sharding=NamedSharding(mesh, P(None, sharding.BATCH)))
     train = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                              chunk_size=chunk_size)
-    evaluate = functools.partial(eval_step, model=model, chunk_size=chunk_size)
+                              chunk_size=chunk_size, param_shardings=shardings.params, **micro)
+    evaluate = functools.partial(eval_step, model=model, chunk_size=chunk_size, **micro)
     batch_sharding = sharding.batch_sharding(mesh)  # every batch entry is [B, T] split alike
     return Step(
         config=config, cfg=cfg, model=model, mesh=mesh, tx=tx, schedule=schedule,
