@@ -26,7 +26,8 @@ from absl import app, flags
 from safetensors.numpy import load_file, save_file
 
 from llama_jax import checkpoint
-from llama_jax.model import DTYPES, ModelConfig, resolve_attention
+from llama_jax.attention import resolve_attention
+from llama_jax.model import DTYPES, ModelConfig
 
 
 def _torch():
