@@ -46,6 +46,7 @@ def base_config(**model) -> ml_collections.ConfigDict:
         lr=3.0e-4, warmup_steps=2000, final_lr_fraction=0.1,
         b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0,
         loss_chunk_size=0,  # sequence positions per output-projection chunk; 0 = whole sequence
+        microbatches=1,  # placeholder until gradient accumulation lands (compile.py --plan sets it)
         seed=0, log_every=10, eval_every=1000, eval_batches=8,
         on_nan="abort",  # or "skip": drop the non-finite update and go on
     ))
