@@ -1,14 +1,23 @@
 """Ahead-of-time compile plan:
   python -m llama_jax.compile --config=configs/llama_7b.py --topology=v5p:2x2x1
+  python -m llama_jax.compile --plan --config=configs/llama_7b.py --topology=v5p:2x2x1
 
 Compiles the real sharded train step for a TPU slice on this (CPU) machine through libtpu's
 compile-only devices, and prints one JSON line: per-device memory from XLA, whether it fits the
-chip's HBM, the analytic FLOPs per step and a roofline step time.
+chip's HBM, the analytic FLOPs per step, a roofline step time, and the bytes each collective
+moves (read from the compiled HLO) beside the FSDP minimum. --plan compiles a grid of
+(microbatch size, remat) candidates and prints a table and the best fitting one's overrides.
 """
 
+import collections
+import copy
+import dataclasses
+import functools
 import importlib.util
 import json
+import math
 import os
+import re
 import sys
 import time
 
@@ -16,12 +25,15 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-from absl import app, flags  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from llama_jax import sharding, train_step  # noqa: E402
+from llama_jax.config import model_config  # noqa: E402
 from llama_jax.metrics import CHIPS, GIB  # noqa: E402
+from llama_jax.model import DTYPES  # noqa: E402
 
 
 TPUS = [name for name in CHIPS if name.startswith("v")]
@@ -51,7 +63,11 @@ def topology_devices(topology):
 
 
 def compile_plan(config, topology):
-    generation, devices = topology_devices(topology)
+    """The plan's JSON-able dict for one config on one topology (see the module docstring)."""
+    return _compile_on(config, topology, *topology_devices(topology))
+
+
+def _compile_on(config, topology, generation, devices):
     chip = CHIPS[generation]
     # the same jitted step train.py runs, lowered on abstract arrays: nothing is allocated
     step = train_step.build(config, sharding.make_mesh(config.mesh, devices))
@@ -62,7 +78,8 @@ def compile_plan(config, topology):
     plan = {
         "topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
         "mesh": dict(step.mesh.shape), "sharding_rules": config.sharding_rules,
-        "remat": cfg.remat, "loss_chunk_size": config.train.loss_chunk_size,
+        "remat": cfg.remat, "microbatches": config.train.microbatches,
+        "loss_chunk_size": config.train.loss_chunk_size,
         "attention": cfg.attention,
         "params": cfg.num_params(), "global_batch_size": batch_size, "seq_len": seq_len,
         "hbm_gib": chip["hbm"] / GIB, "flops_per_step": flops_per_step,
@@ -79,6 +96,8 @@ def compile_plan(config, topology):
         return {**plan, "fits": False, "compile_s": round(time.perf_counter() - start, 1),
                 "compiler_error": str(e).splitlines()[0][:300]}
     compile_s = time.perf_counter() - start
+    measured = collective_bytes(compiled.as_text())
+    minimum = fsdp_minimum_bytes(cfg, dict(step.mesh.shape), config.train.microbatches)
     memory = compiled.memory_analysis()
     sizes = {name: int(getattr(memory, f"{name}_size_in_bytes")) for name in (
         "argument", "output", "alias", "temp", "generated_code")}
@@ -87,7 +106,368 @@ def compile_plan(config, topology):
              + sizes["generated_code"])
     return {**plan, "bytes_per_device": sizes, "total_bytes_per_device": total,
             "total_gib_per_device": round(total / GIB, 2), "fits": total <= chip["hbm"],
+            "collective_bytes_per_device": measured, "fsdp_minimum_bytes_per_device": minimum,
+            "collective_ratio_to_minimum": round(
+                measured["total_bytes"] / minimum["total_bytes"], 3) if minimum["total_bytes"]
+            else None,
             "compile_s": round(compile_s, 1)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Collective bytes: what the compiled step moves between chips, from its HLO text
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+# bits per element of the HLO dtypes (the f8 variants are matched by prefix)
+_DTYPE_BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "f16": 16,
+               "bf16": 16, "s32": 32, "u32": 32, "f32": 32, "s64": 64, "u64": 64, "f64": 64,
+               "c64": 64, "c128": 128}
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,<=]*)\]")
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_CALLEE = re.compile(r"\b(calls|body|condition|to_apply|true_computation|false_computation)="
+                     r"%?([\w.\-]+)")
+
+
+@dataclasses.dataclass
+class _Instruction:
+    name: str
+    type: str  # the result type: 'f32[8,32]{1,0}' or a tuple '(f32[2], bf16[4,4])'
+    op: str
+    operands: list
+    attrs: str  # everything after the operand list
+    root: bool
+
+
+def _type_bytes(type_text):
+    total = 0
+    for dtype, dims in _ARRAY.findall(type_text):
+        bits = 8 if dtype.startswith("f8") else _DTYPE_BITS.get(dtype)
+        if bits is None:
+            raise ValueError(f"unknown HLO dtype {dtype!r} in {type_text[:80]!r}")
+        total += math.prod(int(d.lstrip("<=")) for d in dims.split(",") if d) * bits // 8
+    return total
+
+
+def _closing(text, start):
+    """Index just past the bracket that closes the one at text[start]."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += text[i] in "([{"
+        depth -= text[i] in ")]}"
+        if depth == 0:
+            return i + 1
+    raise ValueError(f"unbalanced brackets in HLO: {text[start:start + 80]!r}")
+
+
+def _parse_instruction(line):
+    match = _INSTRUCTION.match(line)
+    if not match:
+        return None
+    root, name, rest = match.groups()
+    end = _closing(rest, 0) if rest.startswith("(") else rest.index(" ")
+    type_text, rest = rest[:end], rest[end:].lstrip()
+    op = rest[:rest.index("(")]
+    close = _closing(rest, len(op))
+    operands = [o.split()[-1].lstrip("%") for o in re.split(r",\s*(?![^(\[{]*[)\]}])",
+                                                             rest[len(op) + 1:close - 1]) if o]
+    return _Instruction(name, type_text, op, operands, rest[close:], bool(root))
+
+
+def _parse_module(hlo_text):
+    """{computation: [instructions]}, the entry computation's name, the module's device count."""
+    computations, entry, current = {}, None, None
+    for line in hlo_text.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            current = computations.setdefault(header.group(2), [])
+            entry = header.group(2) if header.group(1) else entry
+        elif line.rstrip() == "}":  # a custom call's config may span lines, some starting "}"
+            current = None
+        elif current is not None and (instruction := _parse_instruction(line)):
+            current.append(instruction)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text: pass compiled.as_text()")
+    partitions = re.search(r"num_partitions=(\d+)", hlo_text)
+    replicas = re.search(r"replica_count=(\d+)", hlo_text)
+    devices = int(partitions.group(1) if partitions else 1) * int(
+        replicas.group(1) if replicas else 1)
+    return computations, entry, devices
+
+
+def _trip_count(loop, caller, computations):
+    """Iterations of a while loop, or None. XLA:CPU writes known_trip_count in the while's
+    backend_config; libtpu does not, so there it is read from the condition, which for a JAX
+    scan is `ROOT compare(get-tuple-element(param, index=k), constant(N)), direction=LT`
+    with the counter k starting at a constant in the loop's init tuple (and stepping by 1)."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', loop.attrs)
+    if known:
+        return int(known.group(1))
+    condition = computations[re.search(r"condition=%?([\w.\-]+)", loop.attrs).group(1)]
+    by_name = {i.name: i for i in condition}
+    root = next(i for i in condition if i.root)
+    direction = re.search(r"direction=(\w+)", root.attrs)
+    if root.op != "compare" or len(root.operands) != 2 or direction is None:
+        return None
+    lhs, rhs = (by_name.get(o) for o in root.operands)
+    # written as counter OP bound; a bound on the left flips the comparison
+    flip = {"GT": "LT", "GE": "LE", "LT": "GT", "LE": "GE"}
+    direction = direction.group(1)
+    if lhs is not None and lhs.op == "constant":
+        lhs, rhs, direction = rhs, lhs, flip.get(direction, direction)
+    if (lhs is None or rhs is None or lhs.op != "get-tuple-element" or rhs.op != "constant"
+            or direction not in ("LT", "LE")):
+        return None
+    index = int(re.search(r"index=(\d+)", lhs.attrs).group(1))
+    in_caller = {i.name: i for i in caller}
+    init_tuple = in_caller.get(loop.operands[0])
+    if init_tuple is None or init_tuple.op != "tuple":
+        return None
+    init = in_caller.get(init_tuple.operands[index])
+    while init is not None and init.op in ("copy", "bitcast"):  # libtpu copies the constant
+        init = in_caller.get(init.operands[0])
+    if init is None or init.op != "constant":
+        return None
+    start, bound = int(init.operands[0]), int(rhs.operands[0])
+    return max(0, bound - start + (direction == "LE"))
+
+
+def _group_size(instruction, devices):
+    """Devices in each replica group of a collective."""
+    attrs = instruction.attrs
+    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+    if mesh:  # mesh['axis_0'=4,'axis_1'=2] {'axis_0'}: groups along the named axes
+        sizes = dict(re.findall(r"'(\w+)'=(\d+)", mesh.group(1)))
+        return math.prod(int(sizes[a]) for a in re.findall(r"'(\w+)'", mesh.group(2)))
+    iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", attrs)
+    if iota:  # [groups, size]<=[devices]
+        return int(iota.group(2))
+    listed = re.search(r"replica_groups=\{\{([^}]*)\}", attrs)
+    if listed:
+        return len(listed.group(1).split(","))
+    return devices  # replica_groups={}: one group of every device
+
+
+def _scattered(all_reduce, computation, n):
+    """Bytes of the 1/n slice when all_reduce's one use is a dynamic-slice to its 1/n, else None:
+    libtpu writes its reduce-scatters so (a fusion of all-reduce, dynamic-slice whose emitter
+    sends only the slices), and the pair is a reduce-scatter wherever it appears."""
+    users = [i for i in computation if all_reduce.name in i.operands]
+    if len(users) != 1 or users[0].op != "dynamic-slice":
+        return None
+    shard = _type_bytes(users[0].type)
+    return shard if shard * n == _type_bytes(all_reduce.type) else None
+
+
+def _execution_counts(computations, entry):
+    """(computation name -> times it runs per step, loops whose trip count is unknown)."""
+    callers, unknown_loops = {}, 0  # callee -> [(caller, runs per caller run)]
+    for name, instructions in computations.items():
+        for instruction in instructions:
+            if instruction.op in ("async-done", "async-update"):
+                continue  # they name the same wrapped computation as their async-start
+            trips = 1
+            if instruction.op == "while":
+                trips = _trip_count(instruction, instructions, computations)
+                unknown_loops += trips is None
+                trips = 1 if trips is None else trips
+            called = _CALLEE.findall(instruction.attrs)
+            branches = re.search(r"branch_computations=\{([^}]*)\}", instruction.attrs)
+            called += [("branch", b.strip().lstrip("%")) for b in
+                       (branches.group(1).split(",") if branches else [])]
+            for key, callee in called:
+                times = trips if key == "body" else trips + 1 if key == "condition" else 1
+                callers.setdefault(callee, []).append((name, times))
+
+    @functools.lru_cache(maxsize=None)
+    def executions(name):
+        if name == entry:
+            return 1
+        return sum(executions(caller) * times for caller, times in callers.get(name, ()))
+    return executions, unknown_loops
+
+
+def collective_bytes(hlo_text):
+    """Bytes one device receives per step through each kind of collective, from the compiled
+    HLO text (`compiled.as_text()`), counted as the bandwidth-optimal (ring) algorithms move
+    them. With R the bytes of the op's result on one device and n the devices in its group:
+
+      all-gather          R (n-1)/n    it receives the n-1 shards it lacks
+      reduce-scatter      R (n-1)      = operand bytes (n-1)/n: n-1 partial shards summed in
+      all-reduce          2 R (n-1)/n  a reduce-scatter then an all-gather
+      all-to-all          R (n-1)/n    it keeps its own 1/n
+      collective-permute  R            one whole buffer from its source
+
+    Tuple results (several arrays in one op) count every array. An op inside a while loop's
+    body counts once per iteration (nested loops multiply); the trip count comes from the
+    loop (see _trip_count), and a loop whose count cannot be read counts once and is reported
+    in `loops_without_trip_count`. Async pairs count once (the -done, which carries the
+    result; -start is skipped), and libtpu's async collective fusions, which repeat one
+    collective in a start and several continuation fusions under one channel_id, count once
+    (ops of one channel within one computation stay distinct: libtpu reuses channel ids).
+    An all-reduce whose one use is a dynamic-slice to its 1/n is a reduce-scatter (that is how
+    libtpu writes them). Both branches of a conditional count (an upper bound; a train step
+    has none).
+
+    Returns {"bytes": {kind: bytes}, "executions": {kind: ops executed}, "total_bytes",
+    "loops_without_trip_count"}, kinds in COLLECTIVES that occur.
+    """
+    computations, entry, devices = _parse_module(hlo_text)
+    executions, unknown_loops = _execution_counts(computations, entry)
+    found = {}  # (kind, channel, occurrence) or (computation, name) -> (bytes, executions)
+    for name, instructions in computations.items():
+        by_name, seen = {i.name: i for i in instructions}, collections.Counter()
+        for instruction in instructions:
+            kind = instruction.op.removesuffix("-done")
+            if kind not in COLLECTIVES or not executions(name):
+                continue
+            # a -done has the result; its -start has the replica groups and the channel
+            start = by_name.get(instruction.operands[0]) if instruction.op != kind else None
+            source = start or instruction
+            size, n = _type_bytes(instruction.type), _group_size(source, devices)
+            if kind == "all-reduce" and (shard := _scattered(instruction, instructions, n)):
+                kind, size = "reduce-scatter", shard
+            moved = {"all-gather": size * (n - 1) / n, "reduce-scatter": size * (n - 1),
+                     "all-reduce": 2 * size * (n - 1) / n, "all-to-all": size * (n - 1) / n,
+                     "collective-permute": size}[kind]
+            channel = re.search(r"channel_id=(\d+)", source.attrs)
+            key = (name, source.name)
+            if channel:  # the k-th op of a channel in one computation is the k-th in another
+                key = (kind, channel.group(1), seen[kind, channel.group(1)])
+                seen[kind, channel.group(1)] += 1
+            old = found.get(key, (kind, 0, 0))
+            found[key] = (kind, max(old[1], moved), max(old[2], executions(name)))
+    result = {"bytes": {}, "executions": {}}
+    for (kind, moved, times) in found.values():
+        result["bytes"][kind] = result["bytes"].get(kind, 0) + round(moved * times)
+        result["executions"][kind] = result["executions"].get(kind, 0) + times
+    result["total_bytes"] = sum(result["bytes"].values())
+    result["loops_without_trip_count"] = unknown_loops
+    return result
+
+
+def fsdp_minimum_bytes(cfg, mesh_shape, microbatches=1):
+    """The least a ZeRO-3 (fsdp) step must move per device, in collective_bytes' units, for
+    the N parameters split n = mesh fsdp ways (and mesh tensor ways, whose own activation
+    traffic this leaves out), all in the compute dtype:
+
+      all-gather      N (n-1)/n per microbatch in the forward, and again in the backward unless
+                      remat is "none" (then the gathered weights are kept for it)
+      reduce-scatter  N (n-1)/n per microbatch: the gradients; only their shard is accumulated
+      all-reduce      2 (N/n) (d-1)/d: the gradient shards summed over the d data replicas
+
+    Gradients count in the compute dtype, not the parameters' float32: each weight is cast
+    before its matmul, so its gradient arrives in the compute dtype and is summed there (libtpu
+    reduce-scatters 7B's gradients in bfloat16, then converts the shard).
+    """
+    fsdp, data = mesh_shape.get("fsdp", 1), mesh_shape.get("data", 1)
+    params = cfg.num_params() / mesh_shape.get("tensor", 1)
+    size = jnp.dtype(DTYPES[cfg.dtype]).itemsize * params
+    gathers = (1 if cfg.remat == "none" else 2) * microbatches
+    moved = {"all-gather": gathers * size * (fsdp - 1) / fsdp,
+             "reduce-scatter": microbatches * size * (fsdp - 1) / fsdp,
+             "all-reduce": 2 * size / fsdp * (data - 1) / data}
+    moved = {kind: round(b) for kind, b in moved.items() if b}
+    return {"bytes": moved, "total_bytes": sum(moved.values())}
+
+
+# ---------------------------------------------------------------------------------------------
+# The planner: python -m llama_jax.compile --plan --config=... --topology=...
+
+PLAN_SIZES = (1, 2, 4, 8, 16)  # sequences per chip per microbatch
+PLAN_REMAT = ("full", "minimal", "dots_saveable", "none")  # least memory first
+
+
+def recompute_flops_per_token(cfg, seq_len):
+    """Forward FLOPs per token the backward repeats under cfg.remat (2 per multiplying weight):
+
+      full           the whole block: every projection and the attention
+      minimal        all but wo and w2, whose outputs (attn_out, mlp_out) are kept
+      dots_saveable  the attention only: its score and value products have batch dims, which
+                     the policy does not keep; every projection output is kept
+      none           nothing
+    The attention forward is 2 L T D (a third of flops_per_token's 6 L T D); norms, rope and
+    other elementwise work are not counted; the loss is outside the remat'ed blocks."""
+    d, f, kv, layers = cfg.dim, cfg.ffn_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_layers
+    weights = {"full": 2 * d * d + 2 * d * kv + 3 * d * f,
+               "minimal": d * d + 2 * d * kv + 2 * d * f, "dots_saveable": 0, "none": 0}[cfg.remat]
+    attention = 0 if cfg.remat == "none" else 2 * layers * seq_len * d
+    return 2 * layers * weights + attention
+
+
+def plan_candidates(config, topology, sizes=PLAN_SIZES, remats=PLAN_REMAT, headroom=0.1):
+    """Compile (AOT, nothing allocated) each (sequences per chip per microbatch, remat) that
+    divides the global batch, and return one row per compile. Within a remat policy sizes go
+    up, so memory does: the first that does not fit (or that the compiler refuses) ends it."""
+    generation, devices = topology_devices(topology)
+    chip = CHIPS[generation]
+    data, fsdp, _ = sharding.mesh_shape(config.mesh, len(devices))
+    shards, batch_size = data * fsdp, config.data.global_batch_size
+    seq_len, budget = config.data.seq_len, chip["hbm"] * (1 - headroom)
+    rows = []
+    for remat in remats:
+        for size in sorted(sizes):
+            microbatches, rest = divmod(batch_size, size * shards)
+            if rest or not microbatches:
+                continue  # not a whole number of microbatches: no such run
+            candidate = copy.deepcopy(config)
+            candidate.model.remat, candidate.train.microbatches = remat, microbatches
+            plan = _compile_on(candidate, topology, generation, devices)
+            cfg = model_config(candidate)
+            flops = cfg.flops_per_token(seq_len) + recompute_flops_per_token(cfg, seq_len)
+            total = plan.get("total_bytes_per_device")
+            rows.append({
+                "seqs_per_chip": size, "microbatches": microbatches, "remat": remat,
+                "gib_per_chip": None if total is None else round(total / GIB, 2),
+                "fits": total is not None and total <= budget,
+                "compiler_error": plan.get("compiler_error"),
+                "roofline_tokens_per_sec_per_chip": round(chip["peak"] / flops),
+                "collective_gib_per_chip": None if total is None else round(
+                    plan["collective_bytes_per_device"]["total_bytes"] / GIB, 3),
+                "compile_s": plan["compile_s"],
+                "overrides": [f"--config.model.remat={remat}",
+                              f"--config.train.microbatches={microbatches}"],
+            })
+            logging.info("plan: %d per chip, %d microbatches, remat %s: %s GiB, fits %s",
+                         size, microbatches, remat, rows[-1]["gib_per_chip"], rows[-1]["fits"])
+            if not rows[-1]["fits"]:
+                break
+    return rows
+
+
+def best_candidate(rows):
+    """The fitting row with the highest roofline throughput; of equals, the fewest
+    microbatches (each one gathers the parameters again). None when nothing fits."""
+    fitting = [r for r in rows if r["fits"]]
+    return max(fitting, key=lambda r: (r["roofline_tokens_per_sec_per_chip"], -r["microbatches"]),
+               default=None)
+
+
+def format_plan(rows, header):
+    lines = [header, f"{'seqs/chip':>9} {'microbatches':>12} {'remat':<13} {'GiB/chip':>8} "
+             f"{'fits':<4} {'tokens/s/chip':>13} {'collective GiB':>14} {'compile s':>9}"]
+    for r in rows:
+        gib = "refused" if r["gib_per_chip"] is None else f"{r['gib_per_chip']:.2f}"
+        comm = "" if r["collective_gib_per_chip"] is None else f"{r['collective_gib_per_chip']:.3f}"
+        lines.append(f"{r['seqs_per_chip']:>9} {r['microbatches']:>12} {r['remat']:<13} "
+                     f"{gib:>8} {'yes' if r['fits'] else 'no':<4} "
+                     f"{r['roofline_tokens_per_sec_per_chip']:>13,} {comm:>14} {r['compile_s']:>9}")
+    best = best_candidate(rows)
+    lines.append("best: " + " ".join(best["overrides"]) if best else
+                 "best: none fits: add chips, shorten seq_len, or lower the headroom")
+    return "\n".join(lines)
+
+
+def run_plan(config, topology, sizes=PLAN_SIZES, remats=PLAN_REMAT, headroom=0.1):
+    """(rows, the printed table) of --plan."""
+    rows = plan_candidates(config, topology, sizes, remats, headroom)
+    generation, _, _ = topology.partition(":")
+    cfg = model_config(config)
+    hbm = CHIPS[generation]["hbm"] / GIB
+    header = (f"plan: {cfg.num_params() / 1e9:.3g}B params, global batch "
+              f"{config.data.global_batch_size} x {config.data.seq_len} on {topology}, "
+              f"{hbm:.0f} GiB HBM per chip, fits under {hbm * (1 - headroom):.1f} GiB "
+              f"({headroom:.0%} headroom)")
+    return rows, format_plan(rows, header)
 
 
 def define_flags():
@@ -95,16 +475,28 @@ def define_flags():
     config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
                                     lock_config=True)
     flags.DEFINE_string("topology", None, "GENERATION:CHIPS, e.g. v5p:2x2x1, v4:4x4x4, v5e:16x16.")
+    flags.DEFINE_bool("plan", False, "Compile every (sequences per chip per microbatch, remat) "
+                      "candidate and print a table and the best fitting choice's overrides.")
+    flags.DEFINE_list("plan_sizes", [str(s) for s in PLAN_SIZES],
+                      "--plan: sequences per chip per microbatch to try.")
+    flags.DEFINE_list("plan_remat", list(PLAN_REMAT), "--plan: remat policies to try.")
+    flags.DEFINE_float("headroom", 0.1, "--plan: fraction of HBM a fitting candidate leaves free.")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if flags.FLAGS.config is None or flags.FLAGS.topology is None:
+    FLAGS = flags.FLAGS
+    if FLAGS.config is None or FLAGS.topology is None:
         raise app.UsageError("--config and --topology are both required, e.g. "
                              "--config=configs/llama_7b.py --topology=v5p:2x2x1")
     try:
-        print(json.dumps(compile_plan(flags.FLAGS.config, flags.FLAGS.topology)))
+        if FLAGS.plan:
+            _, table = run_plan(FLAGS.config, FLAGS.topology, [int(s) for s in FLAGS.plan_sizes],
+                                FLAGS.plan_remat, FLAGS.headroom)
+            print(table)
+        else:
+            print(json.dumps(compile_plan(FLAGS.config, FLAGS.topology)))
     except (ValueError, KeyError) as e:
         sys.exit(f"error: {e}")
 
