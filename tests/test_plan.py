@@ -8,7 +8,7 @@ from ml_collections import config_flags
 
 from helpers import micro_config
 from llama_jax import compile as compile_lib
-from llama_jax import sharding, train_step
+from llama_jax import hlo, sharding, train_step
 from llama_jax.config import model_config
 
 
@@ -85,7 +85,7 @@ ENTRY %main (a: bf16[4,16], g: f32[8,16], s: f32[4]) -> (f32[2,16], (s32[], bf16
 
 
 def test_collective_bytes_of_a_small_hlo_module():
-    got = compile_lib.collective_bytes(HLO)
+    got = hlo.collective_bytes(HLO)
     assert got["loops_without_trip_count"] == 0
     assert got["executions"] == {"all-gather": 5, "all-to-all": 5, "reduce-scatter": 1,
                                  "all-reduce": 1, "collective-permute": 2}
@@ -108,8 +108,8 @@ def cpu_collectives(data, fsdp, n_layers=2, scan_layers=True):
     step = train_step.build(config, sharding.make_mesh(config.mesh))
     text = step.train_step.lower(step.abstract, step.abstract_batch()).compile().as_text()
     instructions = sum(f" {kind}(" in line for line in text.splitlines()
-                       for kind in compile_lib.COLLECTIVES)
-    return (compile_lib.collective_bytes(text),
+                       for kind in hlo.COLLECTIVES)
+    return (hlo.collective_bytes(text),
             compile_lib.fsdp_minimum_bytes(step.cfg, dict(step.mesh.shape)), instructions)
 
 

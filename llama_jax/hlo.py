@@ -1,0 +1,239 @@
+"""Collective bytes: what a compiled step moves between devices, read from its HLO text
+(`compiled.as_text()`), for XLA:CPU and libtpu alike. compile.py reports it beside the FSDP
+minimum; tests check the sharding's traffic with it.
+"""
+
+import collections
+import dataclasses
+import functools
+import math
+import re
+
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+# bits per element of the HLO dtypes (the f8 variants are matched by prefix)
+_DTYPE_BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "f16": 16,
+               "bf16": 16, "s32": 32, "u32": 32, "f32": 32, "s64": 64, "u64": 64, "f64": 64,
+               "c64": 64, "c128": 128}
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,<=]*)\]")
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_CALLEE = re.compile(r"\b(calls|body|condition|to_apply|true_computation|false_computation)="
+                     r"%?([\w.\-]+)")
+
+
+@dataclasses.dataclass
+class _Instruction:
+    name: str
+    type: str  # the result type: 'f32[8,32]{1,0}' or a tuple '(f32[2], bf16[4,4])'
+    op: str
+    operands: list
+    attrs: str  # everything after the operand list
+    root: bool
+
+
+def _type_bytes(type_text):
+    total = 0
+    for dtype, dims in _ARRAY.findall(type_text):
+        bits = 8 if dtype.startswith("f8") else _DTYPE_BITS.get(dtype)
+        if bits is None:
+            raise ValueError(f"unknown HLO dtype {dtype!r} in {type_text[:80]!r}")
+        total += math.prod(int(d.lstrip("<=")) for d in dims.split(",") if d) * bits // 8
+    return total
+
+
+def _closing(text, start):
+    """Index just past the bracket that closes the one at text[start]."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += text[i] in "([{"
+        depth -= text[i] in ")]}"
+        if depth == 0:
+            return i + 1
+    raise ValueError(f"unbalanced brackets in HLO: {text[start:start + 80]!r}")
+
+
+def _parse_instruction(line):
+    match = _INSTRUCTION.match(line)
+    if not match:
+        return None
+    root, name, rest = match.groups()
+    end = _closing(rest, 0) if rest.startswith("(") else rest.index(" ")
+    type_text, rest = rest[:end], rest[end:].lstrip()
+    op = rest[:rest.index("(")]
+    close = _closing(rest, len(op))
+    operands = [o.split()[-1].lstrip("%") for o in re.split(r",\s*(?![^(\[{]*[)\]}])",
+                                                             rest[len(op) + 1:close - 1]) if o]
+    return _Instruction(name, type_text, op, operands, rest[close:], bool(root))
+
+
+def _parse_module(hlo_text):
+    """{computation: [instructions]}, the entry computation's name, the module's device count."""
+    computations, entry, current = {}, None, None
+    for line in hlo_text.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            current = computations.setdefault(header.group(2), [])
+            entry = header.group(2) if header.group(1) else entry
+        elif line.rstrip() == "}":  # a custom call's config may span lines, some starting "}"
+            current = None
+        elif current is not None and (instruction := _parse_instruction(line)):
+            current.append(instruction)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text: pass compiled.as_text()")
+    partitions = re.search(r"num_partitions=(\d+)", hlo_text)
+    replicas = re.search(r"replica_count=(\d+)", hlo_text)
+    devices = int(partitions.group(1) if partitions else 1) * int(
+        replicas.group(1) if replicas else 1)
+    return computations, entry, devices
+
+
+def _trip_count(loop, caller, computations):
+    """Iterations of a while loop, or None. XLA:CPU writes known_trip_count in the while's
+    backend_config; libtpu does not, so there it is read from the condition, which for a JAX
+    scan is `ROOT compare(get-tuple-element(param, index=k), constant(N)), direction=LT`
+    with the counter k starting at a constant in the loop's init tuple (and stepping by 1)."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', loop.attrs)
+    if known:
+        return int(known.group(1))
+    condition = computations[re.search(r"condition=%?([\w.\-]+)", loop.attrs).group(1)]
+    by_name = {i.name: i for i in condition}
+    root = next(i for i in condition if i.root)
+    direction = re.search(r"direction=(\w+)", root.attrs)
+    if root.op != "compare" or len(root.operands) != 2 or direction is None:
+        return None
+    lhs, rhs = (by_name.get(o) for o in root.operands)
+    # written as counter OP bound; a bound on the left flips the comparison
+    flip = {"GT": "LT", "GE": "LE", "LT": "GT", "LE": "GE"}
+    direction = direction.group(1)
+    if lhs is not None and lhs.op == "constant":
+        lhs, rhs, direction = rhs, lhs, flip.get(direction, direction)
+    if (lhs is None or rhs is None or lhs.op != "get-tuple-element" or rhs.op != "constant"
+            or direction not in ("LT", "LE")):
+        return None
+    index = int(re.search(r"index=(\d+)", lhs.attrs).group(1))
+    in_caller = {i.name: i for i in caller}
+    init_tuple = in_caller.get(loop.operands[0])
+    if init_tuple is None or init_tuple.op != "tuple":
+        return None
+    init = in_caller.get(init_tuple.operands[index])
+    while init is not None and init.op in ("copy", "bitcast"):  # libtpu copies the constant
+        init = in_caller.get(init.operands[0])
+    if init is None or init.op != "constant":
+        return None
+    start, bound = int(init.operands[0]), int(rhs.operands[0])
+    return max(0, bound - start + (direction == "LE"))
+
+
+def _group_size(instruction, devices):
+    """Devices in each replica group of a collective."""
+    attrs = instruction.attrs
+    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+    if mesh:  # mesh['axis_0'=4,'axis_1'=2] {'axis_0'}: groups along the named axes
+        sizes = dict(re.findall(r"'(\w+)'=(\d+)", mesh.group(1)))
+        return math.prod(int(sizes[a]) for a in re.findall(r"'(\w+)'", mesh.group(2)))
+    iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", attrs)
+    if iota:  # [groups, size]<=[devices]
+        return int(iota.group(2))
+    listed = re.search(r"replica_groups=\{\{([^}]*)\}", attrs)
+    if listed:
+        return len(listed.group(1).split(","))
+    return devices  # replica_groups={}: one group of every device
+
+
+def _scattered(all_reduce, computation, n):
+    """Bytes of the 1/n slice when all_reduce's one use is a dynamic-slice to its 1/n, else None:
+    libtpu writes its reduce-scatters so (a fusion of all-reduce, dynamic-slice whose emitter
+    sends only the slices), and the pair is a reduce-scatter wherever it appears."""
+    users = [i for i in computation if all_reduce.name in i.operands]
+    if len(users) != 1 or users[0].op != "dynamic-slice":
+        return None
+    shard = _type_bytes(users[0].type)
+    return shard if shard * n == _type_bytes(all_reduce.type) else None
+
+
+def _execution_counts(computations, entry):
+    """(computation name -> times it runs per step, loops whose trip count is unknown)."""
+    callers, unknown_loops = {}, 0  # callee -> [(caller, runs per caller run)]
+    for name, instructions in computations.items():
+        for instruction in instructions:
+            if instruction.op in ("async-done", "async-update"):
+                continue  # they name the same wrapped computation as their async-start
+            trips = 1
+            if instruction.op == "while":
+                trips = _trip_count(instruction, instructions, computations)
+                unknown_loops += trips is None
+                trips = 1 if trips is None else trips
+            called = _CALLEE.findall(instruction.attrs)
+            branches = re.search(r"branch_computations=\{([^}]*)\}", instruction.attrs)
+            called += [("branch", b.strip().lstrip("%")) for b in
+                       (branches.group(1).split(",") if branches else [])]
+            for key, callee in called:
+                times = trips if key == "body" else trips + 1 if key == "condition" else 1
+                callers.setdefault(callee, []).append((name, times))
+
+    @functools.lru_cache(maxsize=None)
+    def executions(name):
+        if name == entry:
+            return 1
+        return sum(executions(caller) * times for caller, times in callers.get(name, ()))
+    return executions, unknown_loops
+
+
+def collective_bytes(hlo_text):
+    """Bytes one device receives per step through each kind of collective, from the compiled
+    HLO text (`compiled.as_text()`), counted as the bandwidth-optimal (ring) algorithms move
+    them. With R the bytes of the op's result on one device and n the devices in its group:
+
+      all-gather          R (n-1)/n    it receives the n-1 shards it lacks
+      reduce-scatter      R (n-1)      = operand bytes (n-1)/n: n-1 partial shards summed in
+      all-reduce          2 R (n-1)/n  a reduce-scatter then an all-gather
+      all-to-all          R (n-1)/n    it keeps its own 1/n
+      collective-permute  R            one whole buffer from its source
+
+    Tuple results (several arrays in one op) count every array. An op inside a while loop's
+    body counts once per iteration (nested loops multiply); the trip count comes from the
+    loop (see _trip_count), and a loop whose count cannot be read counts once and is reported
+    in `loops_without_trip_count`. Async pairs count once (the -done, which carries the
+    result; -start is skipped), and libtpu's async collective fusions, which repeat one
+    collective in a start and several continuation fusions under one channel_id, count once
+    (ops of one channel within one computation stay distinct: libtpu reuses channel ids).
+    An all-reduce whose one use is a dynamic-slice to its 1/n is a reduce-scatter (that is how
+    libtpu writes them). Both branches of a conditional count (an upper bound; a train step
+    has none).
+
+    Returns {"bytes": {kind: bytes}, "executions": {kind: ops executed}, "total_bytes",
+    "loops_without_trip_count"}, kinds in COLLECTIVES that occur.
+    """
+    computations, entry, devices = _parse_module(hlo_text)
+    executions, unknown_loops = _execution_counts(computations, entry)
+    found = {}  # (kind, channel, occurrence) or (computation, name) -> (bytes, executions)
+    for name, instructions in computations.items():
+        by_name, seen = {i.name: i for i in instructions}, collections.Counter()
+        for instruction in instructions:
+            kind = instruction.op.removesuffix("-done")
+            if kind not in COLLECTIVES or not executions(name):
+                continue
+            # a -done has the result; its -start has the replica groups and the channel
+            start = by_name.get(instruction.operands[0]) if instruction.op != kind else None
+            source = start or instruction
+            size, n = _type_bytes(instruction.type), _group_size(source, devices)
+            if kind == "all-reduce" and (shard := _scattered(instruction, instructions, n)):
+                kind, size = "reduce-scatter", shard
+            moved = {"all-gather": size * (n - 1) / n, "reduce-scatter": size * (n - 1),
+                     "all-reduce": 2 * size * (n - 1) / n, "all-to-all": size * (n - 1) / n,
+                     "collective-permute": size}[kind]
+            channel = re.search(r"channel_id=(\d+)", source.attrs)
+            key = (name, source.name)
+            if channel:  # the k-th op of a channel in one computation is the k-th in another
+                key = (kind, channel.group(1), seen[kind, channel.group(1)])
+                seen[kind, channel.group(1)] += 1
+            old = found.get(key, (kind, 0, 0))
+            found[key] = (kind, max(old[1], moved), max(old[2], executions(name)))
+    result = {"bytes": {}, "executions": {}}
+    for (kind, moved, times) in found.values():
+        result["bytes"][kind] = result["bytes"].get(kind, 0) + round(moved * times)
+        result["executions"][kind] = result["executions"].get(kind, 0) + times
+    result["total_bytes"] = sum(result["bytes"].values())
+    result["loops_without_trip_count"] = unknown_loops
+    return result
