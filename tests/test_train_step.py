@@ -133,3 +133,26 @@ def test_weight_decay_skips_norm_scales_only():
     updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
     assert float(jnp.abs(updates["norm"]["scale"]).max()) == 0.0
     assert float(jnp.abs(updates["output"]).max()) > 0.0
+
+
+def test_casting_the_layers_once_changes_no_gradient(monkeypatch):
+    """summed_loss casts the layers' matrices to the compute dtype outside the layer loop (for
+    the TPU compiler's memory plan); the matmuls cast them anyway, so in bfloat16 the loss and
+    every gradient are bit-identical to casting inside each layer."""
+    config = micro_config(dtype="bfloat16")
+    model = Llama(model_config(config))
+    batch = random_batch(jax.random.key(3), 4, 32, 512)
+    params = model.init(jax.random.key(0), batch["inputs"])["params"]
+    params = jax.tree.map(lambda x: x.value, params, is_leaf=lambda x: hasattr(x, "value"))
+    cast = train_step.layers_in_compute_dtype(params, jnp.bfloat16)
+    assert cast["layers"]["feed_forward"]["w1"].dtype == jnp.bfloat16
+    assert cast["layers"]["ffn_norm"]["scale"].dtype == jnp.float32
+    assert cast["tok_embeddings"].dtype == cast["output"].dtype == jnp.float32
+    def value_and_grads():  # a new function each call, so each traces with what is patched
+        return jax.jit(jax.value_and_grad(
+            lambda p: train_step.loss_fn(p, batch, model, 0)[0]))(params)
+    value, grads = value_and_grads()
+    monkeypatch.setattr(train_step, "layers_in_compute_dtype", lambda p, dtype: p)
+    want_value, want = value_and_grads()
+    assert float(value) == float(want_value)
+    jax.tree.map(np.testing.assert_array_equal, grads, want)
