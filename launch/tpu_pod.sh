@@ -1,44 +1,77 @@
 #!/usr/bin/env bash
-# Trains on a Cloud TPU VM slice: creates it (or reuses one of that name), installs this checkout
-# on every worker, mounts the gs:// bucket, runs the train command on all workers at once
-# (--worker=all) and streams their output here. jax.distributed finds the other workers itself.
+# Trains on Cloud TPU VM slices: creates them (or reuses them), installs this checkout on every
+# worker, mounts the gs:// bucket, runs the train command on all workers at once (--worker=all)
+# and streams their output here. jax.distributed finds the other workers itself.
 #
 #   launch/tpu_pod.sh --name=llama-7b --zone=us-east5-a --type=v5p-64 \
-#       --config=configs/llama_7b.py --workdir=gs://my-bucket/llama_7b [--dry-run] [-- TRAIN FLAGS]
+#       --config=configs/llama_7b.py --workdir=gs://my-bucket/llama_7b [--slices=N] \
+#       [--dry-run] [-- TRAIN FLAGS]
 #
+# --slices=N (N > 1) asks for N slices of --type as one multi-slice queued resource (nodes
+# NAME-0 ... NAME-(N-1), joined by the data-center network) and trains with
+# --config.mesh.slices=N; TPU VMs of a multi-slice queued resource carry the MEGASCALE_*
+# settings libtpu and jax.distributed read, so nothing else is passed.
 # --dry-run prints every command instead of running it (nothing touches gcloud).
 # The workdir bucket is mounted with gcsfuse at /gcs/BUCKET on each worker, because the trainer
 # reads and writes its workdir as a local path.
 set -euo pipefail
 
 source "$(dirname "$0")/lib.sh"
-NAME="" ZONE="" TYPE="" CONFIG="" WORKDIR=""
+NAME="" ZONE="" TYPE="" CONFIG="" WORKDIR="" SLICES=1
 VERSION="v2-alpha-tpuv5"  # TPU VM runtime image; v4: tpu-ubuntu2204-base
-usage() { sed -n '2,11p' "$0" >&2; exit 2; }
-parse_args "NAME ZONE TYPE VERSION CONFIG WORKDIR" "$@"
+usage() { sed -n '2,17p' "$0" >&2; exit 2; }
+parse_args "NAME ZONE TYPE VERSION CONFIG WORKDIR SLICES" "$@"
 require NAME ZONE TYPE CONFIG WORKDIR
+[[ "$SLICES" =~ ^[1-9][0-9]*$ ]] || { echo "error: --slices=$SLICES must be a positive integer" >&2; exit 2; }
 gcs_workdir
 
 run() {  # prints the command; runs it unless --dry-run
   print_command "$@"
   [[ -n "$DRY_RUN" ]] || "$@"
 }
-on_all_workers() {
-  run gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --worker=all --command="$1"
+NODES=("$NAME")
+if (( SLICES > 1 )); then
+  NODES=()
+  for (( i = 0; i < SLICES; i++ )); do NODES+=("$NAME-$i"); done
+fi
+on_all_workers() {  # every worker of every slice; the slices at once (one after another in a dry run)
+  local node pids=()
+  for node in "${NODES[@]}"; do
+    if [[ -n "$DRY_RUN" ]]; then
+      run gcloud compute tpus tpu-vm ssh "$node" --zone="$ZONE" --worker=all --command="$1"
+    else
+      run gcloud compute tpus tpu-vm ssh "$node" --zone="$ZONE" --worker=all --command="$1" &
+      pids+=("$!")
+    fi
+  done
+  for pid in "${pids[@]}"; do wait "$pid"; done
 }
 
-# 1. the slice: reuse it when it exists (a dry run cannot ask, so it shows the create)
-if [[ -n "$DRY_RUN" ]] || ! gcloud compute tpus tpu-vm describe "$NAME" --zone="$ZONE" \
-    >/dev/null 2>&1; then
-  run gcloud compute tpus tpu-vm create "$NAME" --zone="$ZONE" --accelerator-type="$TYPE" \
-    --version="$VERSION"
+# 1. the slices: reuse them when they exist (a dry run cannot ask, so it shows the create)
+if (( SLICES == 1 )); then
+  if [[ -n "$DRY_RUN" ]] || ! gcloud compute tpus tpu-vm describe "$NAME" --zone="$ZONE" \
+      >/dev/null 2>&1; then
+    run gcloud compute tpus tpu-vm create "$NAME" --zone="$ZONE" --accelerator-type="$TYPE" \
+      --version="$VERSION"
+  fi
+elif [[ -n "$DRY_RUN" ]] || ! gcloud compute tpus queued-resources describe "$NAME" \
+    --zone="$ZONE" >/dev/null 2>&1; then
+  run gcloud compute tpus queued-resources create "$NAME" --zone="$ZONE" \
+    --accelerator-type="$TYPE" --runtime-version="$VERSION" --node-count="$SLICES" \
+    --node-prefix="$NAME"
+  # the request waits in a queue until all N slices can be provisioned together
+  until [[ -n "$DRY_RUN" ]] || [[ "$(gcloud compute tpus queued-resources describe "$NAME" \
+      --zone="$ZONE" --format='value(state.state)')" == ACTIVE ]]; do sleep 30; done
 fi
+(( SLICES == 1 )) || EXTRA+=("--config.mesh.slices=$SLICES")
 
 # 2. this checkout (committed files) on every worker, with the pinned packages and libtpu
 ARCHIVE="/tmp/llama_jax_$$.tar.gz"
 run git -C "$(dirname "$0")/.." archive --format=tar.gz -o "$ARCHIVE" HEAD
-run gcloud compute tpus tpu-vm scp "$ARCHIVE" "$NAME:~/llama_jax.tar.gz" --zone="$ZONE" \
-  --worker=all
+for node in "${NODES[@]}"; do
+  run gcloud compute tpus tpu-vm scp "$ARCHIVE" "$node:~/llama_jax.tar.gz" --zone="$ZONE" \
+    --worker=all
+done
 on_all_workers "mkdir -p ~/llama_jax && tar -xzf ~/llama_jax.tar.gz -C ~/llama_jax && \
 cd ~/llama_jax && python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt \
 'jax[tpu]==0.10.2' && .venv/bin/pip install -q --no-deps -e ."

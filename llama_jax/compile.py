@@ -1,12 +1,15 @@
 """Ahead-of-time compile plan:
   python -m llama_jax.compile --config=configs/llama_7b.py --topology=v5p:2x2x1
   python -m llama_jax.compile --plan --config=configs/llama_7b.py --topology=v5p:2x2x1
+  python -m llama_jax.compile --config=configs/llama_65b.py --topology=v5p:4x4x2 --slices=2
 
 Compiles the real sharded train step for a TPU slice on this (CPU) machine through libtpu's
 compile-only devices, and prints one JSON line: per-device memory from XLA, whether it fits the
 chip's HBM, the analytic FLOPs per step, a roofline step time, and the bytes each collective
-moves (read from the compiled HLO) beside the FSDP minimum. --plan compiles a grid of
-(microbatch size, remat) candidates and prints a table and the best fitting one's overrides.
+moves (read from the compiled HLO) beside the FSDP minimum. --slices=N compiles for N such
+slices joined by the data-center network (DCN) and reports the bytes that cross it apart, with
+the step time they imply at --dcn_gbps per host. --plan compiles a grid of (microbatch size,
+remat) candidates and prints a table and the best fitting one's overrides.
 """
 
 import copy
@@ -33,11 +36,14 @@ from llama_jax.model import DTYPES  # noqa: E402
 
 
 TPUS = [name for name in CHIPS if name.startswith("v")]
+# Gb/s of data-center network per TPU VM host assumed by the DCN step-time bound (--dcn_gbps);
+# TPU VM hosts have 100-200 Gb/s
+DCN_GBPS = 100
 INSTALL = "pip install 'llama_jax[tpu]' (or: pip install 'jax[tpu]==0.10.2')"
 
 
-def topology_devices(topology):
-    """'v5p:2x2x1' -> (generation, compile-only devices, one per chip)."""
+def topology_devices(topology, slices=1):
+    """'v5p:2x2x1' -> (generation, compile-only devices, one per chip of `slices` such slices)."""
     generation, _, chips = topology.partition(":")
     if generation not in TPUS or not chips:
         raise ValueError(f"--topology={topology!r} is not GENERATION:CHIPS with GENERATION one of "
@@ -49,6 +55,8 @@ def topology_devices(topology):
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     # v4 shows each chip's two TensorCores as one device only in megacore mode, as a v4 VM does
     kwargs = {"chip_config_name": "megacore"} if generation == "v4" else {}
+    if slices > 1:  # the devices then carry their slice_index, as on a multi-slice job
+        kwargs["num_slices"] = slices
     try:
         topo = topologies.get_topology_desc(topology_name=topology, platform="tpu", **kwargs)
     except jax.errors.JaxRuntimeError as e:
@@ -58,12 +66,13 @@ def topology_devices(topology):
     return generation, topo.devices
 
 
-def compile_plan(config, topology):
+def compile_plan(config, topology, dcn_gbps=DCN_GBPS):
     """The plan's JSON-able dict for one config on one topology (see the module docstring)."""
-    return _compile_on(config, topology, *topology_devices(topology))
+    return _compile_on(config, topology, *topology_devices(topology, config.mesh.slices),
+                       dcn_gbps=dcn_gbps)
 
 
-def _compile_on(config, topology, generation, devices):
+def _compile_on(config, topology, generation, devices, dcn_gbps=DCN_GBPS):
     chip = CHIPS[generation]
     # the same jitted step train.py runs, lowered on abstract arrays: nothing is allocated
     step = train_step.build(config, sharding.make_mesh(config.mesh, devices))
@@ -92,7 +101,9 @@ def _compile_on(config, topology, generation, devices):
         return {**plan, "fits": False, "compile_s": round(time.perf_counter() - start, 1),
                 "compiler_error": str(e).splitlines()[0][:300]}
     compile_s = time.perf_counter() - start
-    measured = collective_bytes(compiled.as_text())
+    slices = step.mesh.shape["slices"]
+    measured = collective_bytes(compiled.as_text(),
+                                len(devices) // slices if slices > 1 else None)
     minimum = fsdp_minimum_bytes(cfg, dict(step.mesh.shape), config.train.microbatches)
     memory = compiled.memory_analysis()
     sizes = {name: int(getattr(memory, f"{name}_size_in_bytes")) for name in (
@@ -106,13 +117,28 @@ def _compile_on(config, topology, generation, devices):
             "collective_ratio_to_minimum": round(
                 measured["total_bytes"] / minimum["total_bytes"], 3) if minimum["total_bytes"]
             else None,
+            **(dcn_report(measured, minimum, chip, dcn_gbps, roofline_s) if slices > 1 else {}),
             "compile_s": round(compile_s, 1)}
+
+
+def dcn_report(measured, minimum, chip, dcn_gbps, roofline_s):
+    """What crosses the data-center network per step: the bytes per chip apart from ICI, per
+    host (its chips share the host's link), and the step time that alone would take at
+    dcn_gbps, the lower bound it puts on a step (beside the compute roofline's)."""
+    dcn = measured["dcn_total_bytes"]
+    per_host = dcn * chip["chips_per_host"]
+    bound_s = per_host * 8 / (dcn_gbps * 1e9)
+    return {"ici_bytes_per_device": measured["total_bytes"] - dcn,
+            "dcn_bytes_per_device": dcn, "dcn_minimum_bytes_per_device": minimum["dcn_bytes"],
+            "dcn_bytes_per_host": per_host, "dcn_gbps_per_host": dcn_gbps,
+            "dcn_bound_step_s": float(f"{bound_s:.4g}"),
+            "dcn_bound": bound_s > roofline_s}
 
 
 def fsdp_minimum_bytes(cfg, mesh_shape, microbatches=1):
     """The least a ZeRO-3 (fsdp) step must move per device, in collective_bytes' units, for
     the N parameters split n = mesh fsdp ways (and mesh tensor ways, whose own activation
-    traffic this leaves out), all in the compute dtype:
+    traffic this leaves out), all in the compute dtype, with d = slices x data replicas:
 
       all-gather      N (n-1)/n per microbatch in the forward, and again in the backward unless
                       remat is "none" (then the gathered weights are kept for it)
@@ -122,16 +148,23 @@ def fsdp_minimum_bytes(cfg, mesh_shape, microbatches=1):
     Gradients count in the compute dtype, not the parameters' float32: each weight is cast
     before its matmul, so its gradient arrives in the compute dtype and is summed there (libtpu
     reduce-scatters 7B's gradients in bfloat16, then converts the shard).
+
+    Of these only a gradient sum over the s slices need cross the data-center network:
+    "dcn_bytes" = 2 (N/(n data)) (s-1)/s, each device's part of its shard once the data
+    replicas within its slice have split it (0 for one slice).
     """
     fsdp, data = mesh_shape.get("fsdp", 1), mesh_shape.get("data", 1)
+    slices = mesh_shape.get("slices", 1)
     params = cfg.num_params() / mesh_shape.get("tensor", 1)
     size = jnp.dtype(DTYPES[cfg.dtype]).itemsize * params
     gathers = (1 if cfg.remat == "none" else 2) * microbatches
+    replicas = slices * data
     moved = {"all-gather": gathers * size * (fsdp - 1) / fsdp,
              "reduce-scatter": microbatches * size * (fsdp - 1) / fsdp,
-             "all-reduce": 2 * size / fsdp * (data - 1) / data}
+             "all-reduce": 2 * size / fsdp * (replicas - 1) / replicas}
     moved = {kind: round(b) for kind, b in moved.items() if b}
-    return {"bytes": moved, "total_bytes": sum(moved.values())}
+    return {"bytes": moved, "total_bytes": sum(moved.values()),
+            "dcn_bytes": round(2 * size / (fsdp * data) * (slices - 1) / slices)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,10 +195,10 @@ def plan_candidates(config, topology, sizes=PLAN_SIZES, remats=PLAN_REMAT, headr
     """Compile (AOT, nothing allocated) each (sequences per chip per microbatch, remat) that
     divides the global batch, and return one row per compile. Within a remat policy sizes go
     up, so memory does: the first that does not fit (or that the compiler refuses) ends it."""
-    generation, devices = topology_devices(topology)
+    generation, devices = topology_devices(topology, config.mesh.slices)
     chip = CHIPS[generation]
-    data, fsdp, _ = sharding.mesh_shape(config.mesh, len(devices))
-    shards, batch_size = data * fsdp, config.data.global_batch_size
+    slices, data, fsdp, _ = sharding.mesh_shape(config.mesh, len(devices))
+    shards, batch_size = slices * data * fsdp, config.data.global_batch_size
     seq_len, budget = config.data.seq_len, chip["hbm"] * (1 - headroom)
     rows = []
     for remat in remats:
@@ -187,6 +220,8 @@ def plan_candidates(config, topology, sizes=PLAN_SIZES, remats=PLAN_REMAT, headr
                 "roofline_tokens_per_sec_per_chip": round(chip["peak"] / flops),
                 "collective_gib_per_chip": None if total is None else round(
                     plan["collective_bytes_per_device"]["total_bytes"] / GIB, 3),
+                "dcn_gib_per_chip": None if "dcn_bytes_per_device" not in plan else round(
+                    plan["dcn_bytes_per_device"] / GIB, 3),
                 "compile_s": plan["compile_s"],
                 "overrides": [f"--config.model.remat={remat}",
                               f"--config.train.microbatches={microbatches}"],
@@ -207,14 +242,18 @@ def best_candidate(rows):
 
 
 def format_plan(rows, header):
+    dcn = any(r.get("dcn_gib_per_chip") is not None for r in rows)
     lines = [header, f"{'seqs/chip':>9} {'microbatches':>12} {'remat':<13} {'GiB/chip':>8} "
-             f"{'fits':<4} {'tokens/s/chip':>13} {'collective GiB':>14} {'compile s':>9}"]
+             f"{'fits':<4} {'tokens/s/chip':>13} {'collective GiB':>14} "
+             + (f"{'of it DCN':>9} " if dcn else "") + f"{'compile s':>9}"]
     for r in rows:
         gib = "refused" if r["gib_per_chip"] is None else f"{r['gib_per_chip']:.2f}"
         comm = "" if r["collective_gib_per_chip"] is None else f"{r['collective_gib_per_chip']:.3f}"
+        over_dcn = "" if r.get("dcn_gib_per_chip") is None else f"{r['dcn_gib_per_chip']:.3f}"
         lines.append(f"{r['seqs_per_chip']:>9} {r['microbatches']:>12} {r['remat']:<13} "
                      f"{gib:>8} {'yes' if r['fits'] else 'no':<4} "
-                     f"{r['roofline_tokens_per_sec_per_chip']:>13,} {comm:>14} {r['compile_s']:>9}")
+                     f"{r['roofline_tokens_per_sec_per_chip']:>13,} {comm:>14} "
+                     + (f"{over_dcn:>9} " if dcn else "") + f"{r['compile_s']:>9}")
     best = best_candidate(rows)
     lines.append("best: " + " ".join(best["overrides"]) if best else
                  "best: none fits: add chips, shorten seq_len, or lower the headroom")
@@ -227,8 +266,10 @@ def run_plan(config, topology, sizes=PLAN_SIZES, remats=PLAN_REMAT, headroom=0.1
     generation, _, _ = topology.partition(":")
     cfg = model_config(config)
     hbm = CHIPS[generation]["hbm"] / GIB
+    slices = config.mesh.slices
     header = (f"plan: {cfg.num_params() / 1e9:.3g}B params, global batch "
-              f"{config.data.global_batch_size} x {config.data.seq_len} on {topology}, "
+              f"{config.data.global_batch_size} x {config.data.seq_len} on "
+              f"{f'{slices} x ' if slices > 1 else ''}{topology}, "
               f"{hbm:.0f} GiB HBM per chip, fits under {hbm * (1 - headroom):.1f} GiB "
               f"({headroom:.0%} headroom)")
     return rows, format_plan(rows, header)
@@ -245,6 +286,10 @@ def define_flags():
                       "--plan: sequences per chip per microbatch to try.")
     flags.DEFINE_list("plan_remat", list(PLAN_REMAT), "--plan: remat policies to try.")
     flags.DEFINE_float("headroom", 0.1, "--plan: fraction of HBM a fitting candidate leaves free.")
+    flags.DEFINE_integer("slices", None, "Compile for this many slices of --topology joined by "
+                         "the data-center network (sets config.mesh.slices).")
+    flags.DEFINE_float("dcn_gbps", DCN_GBPS, "Data-center network Gb/s per TPU host, for the "
+                       "step time the DCN bytes imply.")
 
 
 def main(argv):
@@ -254,13 +299,17 @@ def main(argv):
     if FLAGS.config is None or FLAGS.topology is None:
         raise app.UsageError("--config and --topology are both required, e.g. "
                              "--config=configs/llama_7b.py --topology=v5p:2x2x1")
+    if FLAGS.slices is not None:
+        if FLAGS.slices < 1:
+            sys.exit(f"error: --slices={FLAGS.slices} must be at least 1")
+        FLAGS.config.mesh.slices = FLAGS.slices
     try:
         if FLAGS.plan:
             _, table = run_plan(FLAGS.config, FLAGS.topology, [int(s) for s in FLAGS.plan_sizes],
                                 FLAGS.plan_remat, FLAGS.headroom)
             print(table)
         else:
-            print(json.dumps(compile_plan(FLAGS.config, FLAGS.topology)))
+            print(json.dumps(compile_plan(FLAGS.config, FLAGS.topology, FLAGS.dcn_gbps)))
     except (ValueError, KeyError) as e:
         sys.exit(f"error: {e}")
 

@@ -19,8 +19,9 @@ def base_config(**model) -> ml_collections.ConfigDict:
         multiple_of=256, norm_eps=1e-6, rope_theta=10000.0, max_seq_len=2048, dtype="bfloat16",
         param_dtype="float32", remat="dots_saveable", scan_layers=True, attention="auto"))
     c.model.update(model)
-    # one -1 axis fills the remaining devices
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    # one -1 axis fills the remaining devices; slices: TPU slices joined by the data-center
+    # network, data-parallel across them (docs/distributed.md, "Several slices")
+    c.mesh = ml_collections.ConfigDict(dict(slices=1, data=1, fsdp=-1, tensor=1))
     c.sharding_rules = "fsdp"  # a preset in llama_jax/sharding.py RULES
 
     c.data = ml_collections.ConfigDict(dict(
@@ -95,23 +96,23 @@ def validate(config, mesh):
     cfg = model_config(config, mesh.devices.flat[0].platform)
     mesh_sizes = mesh.devices.shape
     data, train = config.data, config.train
-    sizes = dict(zip(("data", "fsdp", "tensor"), mesh_sizes))
+    sizes = dict(zip(mesh.axis_names, mesh_sizes))
     errors = []
     if cfg.n_heads % sizes["tensor"] or cfg.n_kv_heads % sizes["tensor"]:
         errors.append(f"model.n_heads={cfg.n_heads} / n_kv_heads={cfg.n_kv_heads} are not "
                       f"divisible by mesh.tensor={sizes['tensor']}: pick a tensor size dividing both")
-    shards = sizes["data"] * sizes["fsdp"]
+    shards = sizes["slices"] * sizes["data"] * sizes["fsdp"]
     if data.global_batch_size % shards:
         errors.append(f"data.global_batch_size={data.global_batch_size} is not divisible by "
-                      f"mesh data*fsdp={shards}: make it a multiple of {shards}")
+                      f"mesh slices*data*fsdp={shards}: make it a multiple of {shards}")
     micro = train.microbatches
     if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1:
         errors.append(f"train.microbatches={micro!r} must be a positive integer (1 = no "
                       "gradient accumulation)")
     elif data.global_batch_size % shards == 0 and data.global_batch_size % (micro * shards):
-        # each microbatch is split over all data*fsdp devices, so it must divide evenly too
+        # each microbatch is split over all slices*data*fsdp devices: it must divide evenly too
         errors.append(f"data.global_batch_size={data.global_batch_size} is not divisible by "
-                      f"train.microbatches={micro} x mesh data*fsdp={shards}: make it a "
+                      f"train.microbatches={micro} x mesh slices*data*fsdp={shards}: make it a "
                       f"multiple of {micro * shards} or change train.microbatches")
     if data.seq_len > cfg.max_seq_len:
         errors.append(f"data.seq_len={data.seq_len} exceeds model.max_seq_len="

@@ -9,6 +9,8 @@ import functools
 import math
 import re
 
+import numpy as np
+
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 # bits per element of the HLO dtypes (the f8 variants are matched by prefix)
@@ -18,6 +20,10 @@ _DTYPE_BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 
 _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,<=]*)\]")
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+# a send that crosses slices: _xla_megascale_transfer_type="ALL_REDUCE" and
+# _xla_megascale_target="{1,2}x{0:3}", the slices ({1,2}) and the devices in each ({0:3})
+_MEGASCALE_TYPE = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
+_MEGASCALE_SLICES = re.compile(r'_xla_megascale_target="\{([\d,]+)\}')
 _CALLEE = re.compile(r"\b(calls|body|condition|to_apply|true_computation|false_computation)="
                      r"%?([\w.\-]+)")
 
@@ -125,20 +131,38 @@ def _trip_count(loop, caller, computations):
     return max(0, bound - start + (direction == "LE"))
 
 
-def _group_size(instruction, devices):
-    """Devices in each replica group of a collective."""
+def _iota(spec):
+    """'[2,4]T(1,0)' or '[8]' (an iota tile assignment) -> the flat device ids it lists."""
+    dims = [int(d) for d in re.match(r"\[([\d,]+)\]", spec).group(1).split(",")]
+    perm = re.search(r"T\(([\d,]+)\)", spec)
+    ids = np.arange(math.prod(dims)).reshape(dims)
+    return (ids.transpose([int(p) for p in perm.group(1).split(",")]) if perm else ids).ravel()
+
+
+def _groups(instruction, devices):
+    """The device groups of a collective, as lists of the partition ids the HLO names (a
+    collective-permute's groups are its source-target pairs)."""
     attrs = instruction.attrs
-    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
-    if mesh:  # mesh['axis_0'=4,'axis_1'=2] {'axis_0'}: groups along the named axes
-        sizes = dict(re.findall(r"'(\w+)'=(\d+)", mesh.group(1)))
-        return math.prod(int(sizes[a]) for a in re.findall(r"'(\w+)'", mesh.group(2)))
-    iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", attrs)
+    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\(([^)]*\)?)\))?"
+                     r"\s*\{([^}]*)\}", attrs)
+    if mesh:  # mesh['axis_0'=4,'axis_1'=2], device_ids=([2,4]T(1,0)) {'axis_0'}: along axis_0
+        names_sizes = re.findall(r"'(\w+)'=(\d+)", mesh.group(1))
+        names, sizes = [n for n, _ in names_sizes], [int(k) for _, k in names_sizes]
+        ids_spec = mesh.group(2)
+        ids = (np.arange(math.prod(sizes)) if not ids_spec else _iota(ids_spec)
+               if ids_spec.startswith("[") else np.array([int(i) for i in ids_spec.split(",")]))
+        along = [names.index(a) for a in re.findall(r"'(\w+)'", mesh.group(3))]
+        rest = [i for i in range(len(sizes)) if i not in along]
+        grid = ids.reshape(sizes).transpose(rest + along)
+        return grid.reshape(-1, math.prod(sizes[i] for i in along)).tolist()
+    iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=(\[[\d,]+\](?:T\([\d,]+\))?)", attrs)
     if iota:  # [groups, size]<=[devices]
-        return int(iota.group(2))
-    listed = re.search(r"replica_groups=\{\{([^}]*)\}", attrs)
+        return _iota(iota.group(3)).reshape(int(iota.group(1)), int(iota.group(2))).tolist()
+    listed = re.search(r"(?:replica_groups|source_target_pairs)=\{(\{[\d,{}]*\})\}", attrs)
     if listed:
-        return len(listed.group(1).split(","))
-    return devices  # replica_groups={}: one group of every device
+        return [[int(i) for i in g.split(",")] for g in re.findall(r"\{([\d,]+)\}",
+                                                                  listed.group(1))]
+    return [list(range(devices))]  # replica_groups={}: one group of every device
 
 
 def _scattered(all_reduce, computation, n):
@@ -150,6 +174,22 @@ def _scattered(all_reduce, computation, n):
         return None
     shard = _type_bytes(users[0].type)
     return shard if shard * n == _type_bytes(all_reduce.type) else None
+
+
+def _moved(kind, size, n, slices):
+    """Bytes one device receives through a collective of `kind` over n devices with a result of
+    `size` bytes, counting only what crosses between `slices` groups of n/slices (1: all of
+    it) when the op combines within each group first; see collective_bytes."""
+    per_slice = n // slices
+    if kind == "reduce-scatter":  # summed within the slice first: 1/per_slice of the operand
+        return size * n / per_slice * (slices - 1) / slices if slices > 1 else size * (n - 1)
+    if kind == "all-to-all":  # nothing to combine: the other slices' share goes as it is
+        return size * ((n - per_slice) / n if slices > 1 else (n - 1) / n)
+    if kind == "collective-permute":
+        return size
+    share = size / per_slice if slices > 1 else size  # each device carries 1/per_slice of it
+    parts = slices if slices > 1 else n
+    return (2 if kind == "all-reduce" else 1) * share * (parts - 1) / parts
 
 
 def _execution_counts(computations, entry):
@@ -180,7 +220,7 @@ def _execution_counts(computations, entry):
     return executions, unknown_loops
 
 
-def collective_bytes(hlo_text):
+def collective_bytes(hlo_text, slice_size=None):
     """Bytes one device receives per step through each kind of collective, from the compiled
     HLO text (`compiled.as_text()`), counted as the bandwidth-optimal (ring) algorithms move
     them. With R the bytes of the op's result on one device and n the devices in its group:
@@ -202,8 +242,15 @@ def collective_bytes(hlo_text):
     libtpu writes them). Both branches of a conditional count (an upper bound; a train step
     has none).
 
+    With `slice_size` (devices per slice of a multi-slice mesh), the bytes that cross the
+    data-center network are counted apart in "dcn_bytes", for every op whose groups join devices
+    of s > 1 slices: what the op must send between slices when it first combines what it can
+    within each slice over ICI (n/s devices there), i.e. the formulas above for a group of s
+    holding 1/(n/s) of the data each. An op over the slices axis alone (n = s) counts as above.
+
     Returns {"bytes": {kind: bytes}, "executions": {kind: ops executed}, "total_bytes",
-    "loops_without_trip_count"}, kinds in COLLECTIVES that occur.
+    "dcn_bytes": {kind: bytes}, "dcn_total_bytes", "loops_without_trip_count"}, kinds in
+    COLLECTIVES that occur.
     """
     computations, entry, devices = _parse_module(hlo_text)
     executions, unknown_loops = _execution_counts(computations, entry)
@@ -212,28 +259,45 @@ def collective_bytes(hlo_text):
         by_name, seen = {i.name: i for i in instructions}, collections.Counter()
         for instruction in instructions:
             kind = instruction.op.removesuffix("-done")
+            megascale = _MEGASCALE_TYPE.search(instruction.attrs) if kind == "send" else None
+            if megascale and executions(name):
+                # libtpu's cross-slice collective: a host-transfer send of this device's part
+                # to the other slices, run by the multi-slice (megascale) runtime over DCN
+                kind = megascale.group(1).lower().replace("_", "-")
+                slices = len(_MEGASCALE_SLICES.search(instruction.attrs).group(1).split(","))
+                dcn = _moved(kind, _type_bytes(_ARRAY.search(instruction.type).group(0)),
+                             slices, slices)
+                found[(name, instruction.name)] = (kind, dcn, executions(name), dcn)
+                continue
             if kind not in COLLECTIVES or not executions(name):
                 continue
             # a -done has the result; its -start has the replica groups and the channel
             start = by_name.get(instruction.operands[0]) if instruction.op != kind else None
             source = start or instruction
-            size, n = _type_bytes(instruction.type), _group_size(source, devices)
+            groups = _groups(source, devices)
+            size, n = _type_bytes(instruction.type), len(groups[0])
             if kind == "all-reduce" and (shard := _scattered(instruction, instructions, n)):
                 kind, size = "reduce-scatter", shard
-            moved = {"all-gather": size * (n - 1) / n, "reduce-scatter": size * (n - 1),
-                     "all-reduce": 2 * size * (n - 1) / n, "all-to-all": size * (n - 1) / n,
-                     "collective-permute": size}[kind]
+            moved = _moved(kind, size, n, 1)
+            # slices a group spans (of slice_size devices each: `slices` is the mesh's leading
+            # axis, so partition ids run slice by slice); over 1, part of it crosses DCN
+            spans = max(len({i // slice_size for i in g}) for g in groups) if slice_size else 1
+            dcn = _moved(kind, size, n, spans) if spans > 1 else 0
             channel = re.search(r"channel_id=(\d+)", source.attrs)
             key = (name, source.name)
             if channel:  # the k-th op of a channel in one computation is the k-th in another
                 key = (kind, channel.group(1), seen[kind, channel.group(1)])
                 seen[kind, channel.group(1)] += 1
-            old = found.get(key, (kind, 0, 0))
-            found[key] = (kind, max(old[1], moved), max(old[2], executions(name)))
-    result = {"bytes": {}, "executions": {}}
-    for (kind, moved, times) in found.values():
+            old = found.get(key, (kind, 0, 0, 0))
+            found[key] = (kind, max(old[1], moved), max(old[2], executions(name)),
+                          max(old[3], dcn))
+    result = {"bytes": {}, "executions": {}, "dcn_bytes": {}}
+    for (kind, moved, times, dcn) in found.values():
         result["bytes"][kind] = result["bytes"].get(kind, 0) + round(moved * times)
         result["executions"][kind] = result["executions"].get(kind, 0) + times
+        if dcn:
+            result["dcn_bytes"][kind] = result["dcn_bytes"].get(kind, 0) + round(dcn * times)
     result["total_bytes"] = sum(result["bytes"].values())
+    result["dcn_total_bytes"] = sum(result["dcn_bytes"].values())
     result["loops_without_trip_count"] = unknown_loops
     return result

@@ -15,14 +15,16 @@ import jax.numpy as jnp
 from absl import logging
 
 GIB = 2 ** 30
-# Per chip, from the datasheets: dense bf16 peak FLOP/s, HBM bytes, and the device_kind strings
-# JAX reports for it (matched in this order, so "TPU v5 lite" is v5e before "TPU v5" is v5p).
-# compile.py names TPU generations by these keys (v5p:2x2x1); MFU looks chips up by kind.
+# Per chip, from the datasheets: dense bf16 peak FLOP/s, HBM bytes, the device_kind strings
+# JAX reports for it (matched in this order, so "TPU v5 lite" is v5e before "TPU v5" is v5p),
+# and for TPUs the chips that share one host's data-center network link. compile.py names TPU generations by these keys (v5p:2x2x1); MFU looks chips up by kind.
 CHIPS = {
-    "v4": {"peak": 275e12, "hbm": 32 * GIB, "kinds": ("TPU v4",)},
-    "v5e": {"peak": 197e12, "hbm": 16 * GIB, "kinds": ("TPU v5 lite", "TPU v5e")},
-    "v5p": {"peak": 459e12, "hbm": 95 * GIB, "kinds": ("TPU v5p", "TPU v5")},
-    "v6e": {"peak": 918e12, "hbm": 32 * GIB, "kinds": ("TPU v6 lite", "TPU v6e")},
+    "v4": {"peak": 275e12, "hbm": 32 * GIB, "kinds": ("TPU v4",), "chips_per_host": 4},
+    "v5e": {"peak": 197e12, "hbm": 16 * GIB, "kinds": ("TPU v5 lite", "TPU v5e"),
+            "chips_per_host": 4},  # a multi-host slice's VMs (only those join a multi-slice run)
+    "v5p": {"peak": 459e12, "hbm": 95 * GIB, "kinds": ("TPU v5p", "TPU v5"), "chips_per_host": 4},
+    "v6e": {"peak": 918e12, "hbm": 32 * GIB, "kinds": ("TPU v6 lite", "TPU v6e"),
+            "chips_per_host": 4},
     "H100": {"peak": 989e12, "hbm": 80e9, "kinds": ("H100",)},
     "H200": {"peak": 989e12, "hbm": 141e9, "kinds": ("H200",)},
     "A100": {"peak": 312e12, "hbm": 80e9, "kinds": ("A100",)},

@@ -240,7 +240,13 @@ class Llama(nn.Module):
             extra = ((cache["k"], cache["v"]), cache["index"], mask)
         embed = _param(self, "tok_embeddings", nn.initializers.normal(0.02),
                        (cfg.vocab_size, cfg.dim), ("vocab", "embed"), cfg)
-        x = constrain(jnp.take(embed, tokens, axis=0).astype(DTYPES[cfg.dtype]), HIDDEN)
+        # the table is gathered whole (in the compute dtype) for the lookup, as every weight is
+        # before its matmul. Looked up in its fsdp split, the lookup's gradient had to go from
+        # the batch's layout to the table's, which GSPMD does by gathering the whole batch's
+        # [B, T, D] on every device once the batch is also split over data or slices (and
+        # XLA:CPU's partitioner aborts on it inside train_step.by_slice with a tensor axis)
+        embed = constrain(embed.astype(DTYPES[cfg.dtype]), ("vocab", None))
+        x = constrain(jnp.take(embed, tokens, axis=0), HIDDEN)
 
         block = Block if cfg.remat == "none" else nn.remat(
             Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)

@@ -1,19 +1,27 @@
-"""Parallelism: the device mesh (data, fsdp, tensor) and the logical-axis -> mesh-axis rules.
+"""Parallelism: the device mesh (slices, data, fsdp, tensor) and the logical-axis -> mesh-axis
+rules.
 
 The model only names logical axes; this module alone decides where they live. A logical name
 missing from the chosen rule table is an error, never a silent replication.
+
+`slices` is the one axis that crosses the data-center network (DCN) between TPU slices; the
+others stay on a slice's chip interconnect (ICI). Only the batch is split over it: parameters and
+optimizer state are replicated across slices and sharded within each (ZeRO inside a slice), so
+the one thing that crosses DCN is the gradient all-reduce, once per step. Gathering weights
+over DCN every layer, as fsdp across slices would, is 10-50x slower than over ICI.
 """
 
 import contextvars
 import math
 
 import jax
+import numpy as np
 from flax import linen as nn
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH = ("data", "fsdp")  # the batch dimension is split over both data-parallel axes
+MESH_AXES = ("slices", "data", "fsdp", "tensor")
+BATCH = ("slices", "data", "fsdp")  # the batch dimension is split over every data-parallel axis
 
 # logical name -> mesh axis (or None: replicated). Both presets name every logical axis.
 # Parameters and activations share names where they share a layout (heads, mlp, vocab); the
@@ -22,7 +30,8 @@ BATCH = ("data", "fsdp")  # the batch dimension is split over both data-parallel
 # fsdp split into the activations, and did: the xla-attention step held the global batch's
 # MLP hidden on every device (docs/distributed.md, "Activation sharding").
 RULES = {
-    # ZeRO-3 style: every matrix is split over fsdp along its model dim; the rest replicated.
+    # ZeRO-3 style: every matrix is split over fsdp along its model dim; the rest replicated
+    # (over data and slices too: no rule names them but the batch).
     "fsdp": {
         "batch": BATCH, "embed": "fsdp", "vocab": None, "heads": None, "kv_heads": None,
         "head_dim": None, "mlp": None, "norm": None, "layers": None, "length": None,
@@ -38,7 +47,8 @@ RULES = {
 
 
 def mesh_shape(mesh_config, num_devices):
-    """{'data': 1, 'fsdp': -1, 'tensor': 1} -> (1, num_devices, 1); one -1 takes what is left."""
+    """{'slices': 1, 'data': 1, 'fsdp': -1, 'tensor': 1} -> (1, 1, num_devices, 1); one -1 takes
+    what is left; a missing axis is 1."""
     unknown = set(mesh_config) - set(MESH_AXES)
     if unknown:
         raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}: use {MESH_AXES}")
@@ -64,10 +74,39 @@ def make_mesh(mesh_config, devices=None):
     """The mesh over `devices` (default: all), also TPU compile-only devices (compile.py)."""
     devices = jax.devices() if devices is None else list(devices)
     shape = mesh_shape(mesh_config, len(devices))
-    # topology-aware order on TPU (neighbouring chips share an fsdp group); a reshape elsewhere
-    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    tpu_slices = {getattr(d, "slice_index", 0) for d in devices}
+    if len(tpu_slices) not in (1, shape[0]):
+        raise ValueError(f"the devices span {len(tpu_slices)} TPU slices but config.mesh.slices="
+                         f"{shape[0]}: set --config.mesh.slices={len(tpu_slices)}")
+    if shape[0] == 1:
+        # topology-aware order on TPU (neighbouring chips share an fsdp group); a reshape elsewhere
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    elif len(tpu_slices) == shape[0]:
+        # each slice's chips form the ICI part of the mesh, the slices stack along `slices`
+        grid = mesh_utils.create_hybrid_device_mesh((1,) + shape[1:], (shape[0], 1, 1, 1),
+                                                    devices, allow_split_physical_axes=True)
+    else:
+        grid = np.stack([mesh_utils.create_device_mesh(shape[1:], group,
+                                                       allow_split_physical_axes=True)
+                         for group in fake_slices(devices, shape[0])])
     # Auto axes: XLA propagates shardings from the parameters and the batch (GSPMD).
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def fake_slices(devices, slices):
+    """Devices without a TPU slice_index (CPU, GPU) grouped into `slices` groups: whole
+    processes where there are enough (a GPU node, or a local process, plays a slice), else runs
+    of consecutive device ids (one process's fake CPU devices in the tests)."""
+    processes = sorted({d.process_index for d in devices})
+    if len(processes) == 1:
+        ordered, size = sorted(devices, key=lambda d: d.id), len(devices) // slices
+        return [ordered[i * size:(i + 1) * size] for i in range(slices)]
+    if len(processes) % slices:
+        raise ValueError(f"{len(processes)} processes cannot form config.mesh.slices={slices} "
+                         "equal slices: make the process count a multiple of the slices")
+    rank, per_slice = {p: i for i, p in enumerate(processes)}, len(processes) // slices
+    return [[d for d in devices if rank[d.process_index] // per_slice == s]
+            for s in range(slices)]
 
 
 def logical_to_mesh(spec, rules):
@@ -136,6 +175,27 @@ def traced_under(mesh, rules_name, fn):
     return traced
 
 
+def per_slice(fn):
+    """fn traced with `slices` left out of the active rules, for a function vmapped over a
+    leading slices dim with spmd_axis_name="slices": vmap adds that axis for the mapped dim,
+    so the constraints inside name the others only."""
+    def drop(axes):
+        if axes == "slices":
+            return None
+        if isinstance(axes, tuple):
+            return tuple(a for a in axes if a != "slices") or None
+        return axes
+
+    def traced(*args):
+        mesh, rules = _ACTIVE.get()
+        token = _ACTIVE.set((mesh, {name: drop(axes) for name, axes in rules.items()}))
+        try:
+            return fn(*args)
+        finally:
+            _ACTIVE.reset(token)
+    return traced
+
+
 def activation_spec(names):
     """(mesh, PartitionSpec) for an activation with these logical axis names in the step being
     traced, or None outside one (init, generation on a single device, tests of the layers)."""
@@ -152,8 +212,10 @@ def constrain(x, names):
     placed = activation_spec(names)
     if placed is None:
         return x
-    mesh, spec = placed
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    _, spec = placed
+    # a bare spec means the mesh of the trace's context (traced_under), which inside by_slice's
+    # shard_map is the one whose `slices` axis is manual
+    return jax.lax.with_sharding_constraint(x, spec)
 
 
 def rules_for(rules_name):

@@ -55,13 +55,15 @@ def _nll_and_grads(hidden, w_out, targets, loss_mask, chunk, grads):
         h, y, m = (x.reshape(b * chunk, *x.shape[2:]) for x in xs)  # [B*C, D], [B*C], [B*C]
         logits = (h @ w).astype(jnp.float32)  # 2-D matmuls, as model.linear explains
         lse = jax.nn.logsumexp(logits, axis=-1)
-        nll = lse - jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
+        # the target's logit by a one-hot product, not a gather: with the vocabulary split over
+        # `tensor` a gather along it made the SPMD partitioner abort inside train_step.by_slice
+        onehot = jax.nn.one_hot(y, logits.shape[-1], dtype=jnp.float32)
+        nll = lse - jnp.sum(logits * onehot, axis=-1)
         total = total + jnp.sum(nll * m)
         if not grads:
             return (total, dw), None
         # d nll / d logits = softmax - onehot(target), zero where the position is masked
-        dlogits = (jnp.exp(logits - lse[:, None]) -
-                   jax.nn.one_hot(y, logits.shape[-1], dtype=jnp.float32)) * m[:, None]
+        dlogits = (jnp.exp(logits - lse[:, None]) - onehot) * m[:, None]
         dlogits = dlogits.astype(h.dtype)
         dh = (dlogits @ w.T).reshape(b, chunk, d)
         dw = dw + jnp.einsum("nd,nv->dv", h, dlogits, preferred_element_type=jnp.float32)
@@ -127,19 +129,20 @@ def loss_fn(params, batch, model, chunk_size):
 
 
 def train_step(state, batch, *, model, tx, schedule, chunk_size, microbatches=1,
-               microbatch_sharding=None, param_shardings=None):
+               microbatch_sharding=None, param_shardings=None, slices=1):
     """One optimizer step. A non-finite loss or gradient drops the update (params and optimizer
     state stay as they were) and reports finite=0; train.py decides whether to stop.
 
     With microbatches > 1 the gradient of the same global batch is accumulated one microbatch
-    at a time (accumulated_grads), so activations are held for one microbatch only."""
-    if microbatches == 1:  # one forward/backward, no scan
+    at a time (accumulated_grads), so activations are held for one microbatch only; over
+    several slices always, so that slices exchange gradients once per step and nothing else."""
+    if microbatches == 1 and slices == 1:  # one forward/backward, no scan
         (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, batch, model, chunk_size)
     else:
         loss, count, grads = accumulated_grads(state.params, batch, model, chunk_size,
                                                microbatches, microbatch_sharding,
-                                               param_shardings)
+                                               param_shardings, slices)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -168,43 +171,75 @@ def split_microbatches(batch, microbatches, microbatch_sharding):
     return jax.tree.map(split, batch)
 
 
+def by_slice(fn, slices):
+    """fn(batch) computed for each slice's rows of the batch apart: a shard_map manual over the
+    mesh's `slices` axis only, so each slice runs the one-slice program (GSPMD partitions the
+    rest as on one slice; the rules inside leave `slices` out, sharding.per_slice), and the
+    results come back stacked [slices, ...] for the caller to sum: nothing inside crosses the
+    data-center network. Identity for one slice."""
+    if slices == 1:
+        return fn
+
+    def one_slice(params, batch):
+        return jax.tree.map(lambda x: x[None], sharding.per_slice(fn)(params, batch))
+    return jax.shard_map(one_slice, in_specs=(P(), P("slices")), out_specs=P("slices"),
+                         axis_names={"slices"}, check_vma=False)
+
+
 def accumulated_grads(params, batch, model, chunk_size, microbatches, microbatch_sharding,
-                      param_shardings):
+                      param_shardings, slices=1):
     """(mean loss, token count, grads) of the global batch, scanning over its microbatches.
 
     Each microbatch contributes its summed loss and summed gradient; dividing once by the
     total token count at the end weights every token equally, as the one-piece step does,
     however the masked tokens fall between microbatches. The float32 accumulator is
     constrained to the parameters' shardings, so it costs one sharded copy of the params.
+
+    Over several slices each slice accumulates its own gradient (by_slice; the accumulator has
+    a leading slices dim on the `slices` axis, still one sharded copy of the params per
+    device), summed across slices once after the last microbatch. Accumulated like the
+    parameters instead (replicated over slices), every microbatch's gradient was all-reduced
+    over DCN: 16 microbatches, 16x the bytes.
     """
+    grads_of = functools.partial(by_slice(lambda p, micro: jax.value_and_grad(summed_loss, has_aux=True)(
+        p, micro, model, chunk_size), slices), params)
+    lead = (slices,) if slices > 1 else ()
+    if slices > 1:
+        param_shardings = jax.tree.map(
+            lambda s: NamedSharding(s.mesh, P("slices", *s.spec)), param_shardings)
+
     def constrain(grads):
         return jax.lax.with_sharding_constraint(grads, param_shardings)
 
     def body(carry, micro):
         acc, total, count = carry
-        (micro_total, micro_count), grads = jax.value_and_grad(summed_loss, has_aux=True)(
-            params, micro, model, chunk_size)
+        (micro_total, micro_count), grads = grads_of(micro)
         acc = constrain(jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads))
-        return (acc, total + micro_total, count + micro_count), None
+        return (acc, total + micro_total.sum(), count + micro_count.sum()), None
 
-    zeros = constrain(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+    zeros = constrain(jax.tree.map(lambda p: jnp.zeros(lead + p.shape, jnp.float32), params))
     init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
     (acc, total, count), _ = jax.lax.scan(
         body, init, split_microbatches(batch, microbatches, microbatch_sharding))
+    acc = jax.tree.map(lambda a: a.sum(0), acc) if slices > 1 else acc  # the one sum over DCN
     denominator = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda a, p: (a / denominator).astype(p.dtype), acc, params)
     return total / denominator, count, grads
 
 
-def eval_step(params, batch, *, model, chunk_size, microbatches=1, microbatch_sharding=None):
+def eval_step(params, batch, *, model, chunk_size, microbatches=1, microbatch_sharding=None,
+              slices=1):
     """Summed loss and token count, so batches average exactly. With microbatches > 1 the batch
-    is evaluated one microbatch at a time, so evaluation fits wherever training does."""
+    is evaluated one microbatch at a time, so evaluation fits wherever training does; over
+    several slices each slice evaluates its rows (by_slice)."""
+    loss_of = functools.partial(by_slice(lambda p, b: summed_loss(p, b, model, chunk_size), slices), params)
     if microbatches == 1:
-        total, count = summed_loss(params, batch, model, chunk_size)
+        total, count = loss_of(batch)
+        total, count = total.sum(), count.sum()
     else:
         def body(carry, micro):
-            micro_total, micro_count = summed_loss(params, micro, model, chunk_size)
-            return (carry[0] + micro_total, carry[1] + micro_count), None
+            micro_total, micro_count = loss_of(micro)
+            return (carry[0] + micro_total.sum(), carry[1] + micro_count.sum()), None
         zero = jnp.zeros((), jnp.float32)
         (total, count), _ = jax.lax.scan(
             body, (zero, zero), split_microbatches(batch, microbatches, microbatch_sharding))
@@ -273,6 +308,7 @@ def build(config, mesh) -> Step:
     # microbatches [N, B/N, T]: the leading axis is scanned, each one split like the batch
     micro = dict(microbatches=config.train.microbatches,
                  microbatch_sharding=NamedSharding(mesh, P(None, sharding.BATCH)))
+    micro["slices"] = mesh.shape["slices"]
     train = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                               chunk_size=chunk_size, param_shardings=shardings.params, **micro)
     evaluate = functools.partial(eval_step, model=model, chunk_size=chunk_size, **micro)

@@ -77,3 +77,39 @@ def test_a_missing_argument_is_one_line_that_names_it():
     done = subprocess.run(["bash", "launch/gke.sh", "--name=x", "--dry-run"], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and done.stderr.startswith("error: --image= is required")
+
+
+def test_tpu_pod_with_slices_queues_them_together_and_runs_on_every_slice():
+    out = dry_run("launch/tpu_pod.sh", "--name=pod", "--zone=us-east5-a", "--type=v5p-64",
+                  "--slices=2", f"--config={CONFIG}", f"--workdir={BUCKET_WORKDIR}", "--dry-run")
+    lines = out.splitlines()
+    assert lines[0] == ("+ gcloud compute tpus queued-resources create pod --zone=us-east5-a "
+                        "--accelerator-type=v5p-64 --runtime-version=v2-alpha-tpuv5 "
+                        "--node-count=2 --node-prefix=pod")
+    trains = [line for line in lines if "llama_jax.train" in line]
+    assert [t.split()[6] for t in trains] == ["pod-0", "pod-1"]
+    assert all(t.endswith("--config.mesh.slices=2 2>&1 | tee -a ~/train.log'") for t in trains)
+    assert sum("scp" in line for line in lines) == 2
+
+
+def test_gke_with_slices_runs_one_job_per_slice_with_the_multislice_environment():
+    out = dry_run("launch/gke.sh", "--name=llama", "--image=example/llama_jax:1", "--tpu=v5p",
+                  "--topology=4x4x2", "--slices=2", f"--config={CONFIG}",
+                  f"--workdir={BUCKET_WORKDIR}", "--dry-run")
+    jobset = yaml.safe_load(out.split("+ kubectl")[0])
+    replicated = jobset["spec"]["replicatedJobs"][0]
+    assert replicated["replicas"] == 2 and replicated["template"]["spec"]["parallelism"] == 8
+    container = replicated["template"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+    assert env["MEGASCALE_NUM_SLICES"] == "2"
+    assert env["MEGASCALE_COORDINATOR_ADDRESS"] == "llama-slice-0-0.llama"
+    assert env["MEGASCALE_SLICE_ID"] == {
+        "fieldRef": {"fieldPath": "metadata.labels['jobset.sigs.k8s.io/job-index']"}}
+    assert container["args"] == ["--config.mesh.slices=2"]
+    assert jobset["spec"]["network"]["enableDNSHostnames"] is True
+    # one slice: no multi-slice environment at all
+    single = yaml.safe_load(dry_run("launch/gke.sh", "--name=llama", "--image=i", "--tpu=v5p",
+                                    "--topology=4x4x2", f"--config={CONFIG}",
+                                    f"--workdir={BUCKET_WORKDIR}", "--dry-run").split("+ kubectl")[0])
+    assert single["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"][
+        "containers"][0]["env"] == []

@@ -138,18 +138,18 @@ def test_the_fsdp_step_on_8_devices_against_the_analytic_minimum():
     # remat "none": gathered once, in the forward (float32 compute here); gradients scattered
     assert minimum["bytes"] == {"all-gather": round(4 * params * 7 / 8),
                                 "reduce-scatter": round(4 * params * 7 / 8)}
-    # XLA:CPU makes no reduce-scatter (it all-reduces, then slices); the attention's layout
-    # changes are all-to-alls
-    assert set(measured["bytes"]) == {"all-gather", "all-reduce", "all-to-all"}
+    # XLA:CPU makes no reduce-scatter (it all-reduces, then slices); no activation changes
+    # layout (no all-to-all: the embedding table is gathered for its lookup like any weight)
+    assert set(measured["bytes"]) == {"all-gather", "all-reduce"}
     assert measured["loops_without_trip_count"] == 0
-    # Measured 1.54 (XLA:CPU, jax 0.10.2; 4.17 before the activations carried sharding
+    # Measured 1.88 (XLA:CPU, jax 0.10.2; 4.17 before the activations carried sharding
     # constraints, when GSPMD split them along D like the weights and all-reduced partial sums
-    # of every projection). The extra over the minimum: XLA:CPU makes no reduce-scatter, so the
-    # gradients are all-reduced (twice the ring cost), and the scanned backward gathers each
-    # layer's weights again. A bound of 1.6 fails if activations start moving again.
-    assert measured["total_bytes"] / minimum["total_bytes"] < 1.6
-    # scanned and unrolled differ by that second gather (measured 1.21: all-gather 746 kB vs
-    # 488 kB); the data-parallel test above is exact
+    # of every projection). The extra over the minimum: the gradients are all-reduced (twice a
+    # reduce-scatter's bytes: 2.0 x its share) and the scanned backward gathers each layer's
+    # weights again (1.76 x). A bound of 2.0 fails if activations start moving again.
+    assert measured["total_bytes"] / minimum["total_bytes"] < 2.0
+    # scanned and unrolled differ by that second gather (measured 1.16: all-gather 860 kB vs
+    # 602 kB); the data-parallel test above is exact
     unrolled, _, _ = cpu_collectives(1, 8, scan_layers=False)
     assert set(unrolled["bytes"]) == set(measured["bytes"])
     assert 1.0 <= measured["total_bytes"] / unrolled["total_bytes"] < 1.3

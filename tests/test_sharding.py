@@ -14,10 +14,11 @@ def test_eight_fake_devices_are_present():
 
 
 @pytest.mark.parametrize("mesh, shape", [
-    ({"data": 1, "fsdp": -1, "tensor": 1}, (1, 8, 1)),
-    ({"data": 2, "fsdp": -1, "tensor": 2}, (2, 2, 2)),
-    ({"data": -1, "fsdp": 1, "tensor": 4}, (2, 1, 4)),
-    ({"data": 2, "fsdp": 2, "tensor": 2}, (2, 2, 2)),
+    ({"data": 1, "fsdp": -1, "tensor": 1}, (1, 1, 8, 1)),
+    ({"data": 2, "fsdp": -1, "tensor": 2}, (1, 2, 2, 2)),
+    ({"data": -1, "fsdp": 1, "tensor": 4}, (1, 2, 1, 4)),
+    ({"data": 2, "fsdp": 2, "tensor": 2}, (1, 2, 2, 2)),
+    ({"slices": 2, "data": 1, "fsdp": -1, "tensor": 1}, (2, 1, 4, 1)),
 ])
 def test_mesh_shape_fills_the_auto_axis(mesh, shape):
     assert sharding.mesh_shape(mesh, 8) == shape

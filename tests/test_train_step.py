@@ -32,6 +32,7 @@ def batches(config, n, same=False):
 @pytest.mark.parametrize("mesh_config, rules", [
     ({"data": 2, "fsdp": 2, "tensor": 2}, "fsdp_tp"),
     ({"data": 1, "fsdp": 8, "tensor": 1}, "fsdp"),
+    ({"slices": 2, "data": 1, "fsdp": 4, "tensor": 1}, "fsdp"),  # 2 fake slices of 4
 ])
 def test_sharded_steps_match_the_single_device_run(mesh_config, rules):
     config = micro_config()
