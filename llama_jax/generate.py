@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags
 
 from llama_jax import checkpoint, convert
-from llama_jax.model import Llama, ModelConfig, init_cache
+from llama_jax.model import Llama, ModelConfig, init_cache, output_matrix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +61,7 @@ def _prefill(params, tokens, positions, segment_ids, cache, key, sampling, *, cf
     # left padding puts every row's last prompt token in the last slot; projecting only that
     # one keeps [B, T, V] logits of a long prompt out of memory
     last = hidden[:, -1]  # [B, D]
-    logits = jnp.einsum("bd,dv->bv", last, params["output"].astype(last.dtype))
+    logits = jnp.einsum("bd,dv->bv", last, output_matrix(params, cfg).astype(last.dtype))
     return sample(logits.astype(jnp.float32), jax.random.fold_in(key, 0), *sampling), cache
 
 
