@@ -5,10 +5,11 @@ consolidated.NN.pth) to our parameter tree, and our parameters back to Hugging F
   python -m llama_jax.convert --from=meta --src=META_DIR --dst=WORKDIR
   python -m llama_jax.convert --to=hf --src=WORKDIR --dst=HF_DIR [--config=configs/x.py]
 
---from writes a params-only workdir (checkpoint.save_params: model.json, tokenizer.model when
-the source has one, checkpoints/0) that generate and evaluate read and that a training run
-starts from with --config.init_from=WORKDIR. --to reads a training or converted workdir's
-model.json and latest params; --config is needed only for a workdir without model.json.
+--from writes a params-only workdir (checkpoint.save_params: model.json, the source's
+tokenizer.model or tokenizer.json when it has one, checkpoints/0) that generate and evaluate
+read and that a training run starts from with --config.init_from=WORKDIR. --to reads a
+training or converted workdir's model.json and latest params; --config is needed only for a
+workdir without model.json.
 Our RoPE is Hugging Face's rotate-half layout, so HF weights map by transposes and reshapes only;
 Meta's q/k rows are permuted once, in meta_to_rotate_half.
 """
@@ -17,7 +18,6 @@ import dataclasses
 import json
 import pathlib
 import re
-import shutil
 import sys
 
 import jax
@@ -27,6 +27,7 @@ from safetensors.numpy import load_file, save_file
 
 from llama_jax import checkpoint
 from llama_jax.attention import resolve_attention
+from llama_jax.data.tokenizer import install, tokenizer_file
 from llama_jax.model import DTYPES, ModelConfig
 
 
@@ -237,8 +238,7 @@ def load_hf_model(src):
     """load_hf for inference, shaped like checkpoint.load_model: (ModelConfig with attention
     resolved for this backend, params, the tokenizer path beside the weights)."""
     cfg, params = load_hf(src)
-    return (resolve_attention(cfg, jax.default_backend()), params,
-            pathlib.Path(src) / "tokenizer.model")
+    return resolve_attention(cfg, jax.default_backend()), params, tokenizer_file(src)
 
 
 def save_hf(cfg: ModelConfig, params, dst):
@@ -379,10 +379,10 @@ def main(argv):
             cfg, params, tok = checkpoint.load_model(src, fl.config)
             save_hf(cfg, params, fl.dst)
             if tok.exists():
-                shutil.copyfile(tok, pathlib.Path(fl.dst) / "tokenizer.model")
+                install(tok, fl.dst)
         else:
             cfg, params = load_hf(src) if source == "hf" else load_meta(src)
-            tok = src / "tokenizer.model"
+            tok = tokenizer_file(src)
             checkpoint.save_params(fl.dst, cfg, params, tok if tok.exists() else None)
     except (ValueError, KeyError, OSError, ImportError) as e:
         # a known failure is one line that says the fix, not a traceback wall
