@@ -16,8 +16,8 @@ from llama_jax.lm_eval_adapter import LlamaJaxLM
 from llama_jax.metrics import read_metrics
 from llama_jax.train import train
 
-TEXTS = ["def f(x):\n    return x + 2024\n", "naïve ✓ 𝄞 — «quotes»\n\ttab", "  two  spaces ",
-         "x=1;y=2", "🙂" * 3]
+TEXTS = ["def f(x):\n    return x + 2024\n", "naïve ✓ 𝄞 — «quotes»\n\ttab",
+         "  two  spaces ", "x=1;y=2", "🙂" * 3]
 
 
 @pytest.fixture(scope="module")
