@@ -35,6 +35,8 @@ HF_BOS_EOS = (("<|begin_of_text|>", "<|end_of_text|>"), ("<s>", "</s>"))
 
 
 class SentencePieceTokenizer:
+    """A SentencePiece .model (LLaMA 1/2's, or one train_on_texts wrote)."""
+
     def __init__(self, path):
         self.path = pathlib.Path(path)
         self.processor = spm.SentencePieceProcessor(model_file=str(path))
