@@ -8,7 +8,7 @@ listed, never loaded.
 Each data shard's iterator is saved beside it under WORKDIR/data_state/STEP/shard_J by the
 process that reads it, and only read for a step that Orbax committed.
 A converted workdir's checkpoints/0 holds one item, `params`. Both kinds hold model.json (the
-ModelConfig as configured, attention "auto" kept) and usually tokenizer.model.
+ModelConfig as configured, attention "auto" kept) and usually its tokenizer (.model or .json).
 """
 
 import dataclasses
@@ -26,7 +26,7 @@ from absl import logging
 
 from llama_jax import sharding
 from llama_jax.config import model_config
-from llama_jax.data.tokenizer import load_tokenizer
+from llama_jax.data.tokenizer import install, load_tokenizer, tokenizer_file
 from llama_jax.attention import resolve_attention
 from llama_jax.model import Llama, ModelConfig
 
@@ -121,8 +121,8 @@ class Checkpointer:
                                   "--workdir, or --config.init_from for a model of this shape")
         if saved_meta["tokenizer"] != meta["tokenizer"]:
             raise CheckpointError(f"{where} was trained with tokenizer {saved_meta['tokenizer']}"
-                                  f" but the workdir's tokenizer.model is {meta['tokenizer']}: "
-                                  "restore the original tokenizer.model or use a new --workdir")
+                                  f" but the workdir's tokenizer is {meta['tokenizer']}: restore "
+                                  "the original tokenizer file or use a new --workdir")
         return saved_meta
 
     def restore(self, step, abstract_state, data_iterator=None):
@@ -172,7 +172,7 @@ def restore_params(source, abstract_state):
 # ------------------------------------------------------------------ params-only workdirs
 
 def save_params(workdir, cfg: ModelConfig, params, tokenizer_path=None):
-    """A converted workdir: model.json [+ tokenizer.model] + checkpoints/0 (the Orbax item
+    """A converted workdir: model.json [+ tokenizer] + checkpoints/0 (the Orbax item
     "params", no optimizer state). Generate and evaluate read it directly; a training run starts
     from it with `--config.init_from=WORKDIR` (params only; fresh optimizer and step)."""
     workdir = pathlib.Path(workdir)
@@ -181,7 +181,7 @@ def save_params(workdir, cfg: ModelConfig, params, tokenizer_path=None):
         load_tokenizer(tokenizer_path, cfg.vocab_size)  # a vocabulary mismatch stops here
     write_model(workdir, cfg)
     if tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, workdir / "tokenizer.model")
+        install(tokenizer_path, workdir)
     manager = ocp.CheckpointManager((workdir / "checkpoints").absolute(),
                                     item_handlers={"params": ocp.StandardCheckpointHandler()})
     manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
@@ -274,7 +274,7 @@ def load_model(workdir, config=None):
     """(ModelConfig with attention resolved for this backend, host params of the latest
     checkpoint, tokenizer path) of a training or converted workdir."""
     cfg = resolve_attention(read_model(workdir, config), jax.default_backend())
-    return cfg, load_params(workdir), pathlib.Path(workdir) / "tokenizer.model"
+    return cfg, load_params(workdir), tokenizer_file(workdir)
 
 
 def place(cfg: ModelConfig, params, mesh_config=None, rules="fsdp"):

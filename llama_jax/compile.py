@@ -184,10 +184,11 @@ def recompute_flops_per_token(cfg, seq_len):
       none           nothing
     The attention forward is 2 L T D (a third of flops_per_token's 6 L T D); norms, rope and
     other elementwise work are not counted; the loss is outside the remat'ed blocks."""
-    d, f, kv, layers = cfg.dim, cfg.ffn_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_layers
-    weights = {"full": 2 * d * d + 2 * d * kv + 3 * d * f,
-               "minimal": d * d + 2 * d * kv + 2 * d * f, "dots_saveable": 0, "none": 0}[cfg.remat]
-    attention = 0 if cfg.remat == "none" else 2 * layers * seq_len * d
+    d, f, layers = cfg.dim, cfg.ffn_dim, cfg.n_layers
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    weights = {"full": 2 * d * q + 2 * d * kv + 3 * d * f,
+               "minimal": d * q + 2 * d * kv + 2 * d * f, "dots_saveable": 0, "none": 0}[cfg.remat]
+    attention = 0 if cfg.remat == "none" else 2 * layers * seq_len * q
     return 2 * layers * weights + attention
 
 

@@ -15,8 +15,10 @@ from llama_jax.model import ModelConfig
 def base_config(**model) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict(dict(
-        vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=None, ffn_dim=None,
-        multiple_of=256, norm_eps=1e-6, rope_theta=10000.0, max_seq_len=2048, dtype="bfloat16",
+        vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=None, head_dim=None,
+        ffn_dim=None, multiple_of=256, norm_eps=1e-6, rope_theta=10000.0, rope_scaling="none",
+        rope_scaling_factor=1.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+        rope_original_max_seq_len=8192, tie_embeddings=False, max_seq_len=2048, dtype="bfloat16",
         param_dtype="float32", remat="dots_saveable", scan_layers=True, attention="auto"))
     c.model.update(model)
     # one -1 axis fills the remaining devices; slices: TPU slices joined by the data-center

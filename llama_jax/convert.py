@@ -5,10 +5,11 @@ consolidated.NN.pth) to our parameter tree, and our parameters back to Hugging F
   python -m llama_jax.convert --from=meta --src=META_DIR --dst=WORKDIR
   python -m llama_jax.convert --to=hf --src=WORKDIR --dst=HF_DIR [--config=configs/x.py]
 
---from writes a params-only workdir (checkpoint.save_params: model.json, tokenizer.model when
-the source has one, checkpoints/0) that generate and evaluate read and that a training run
-starts from with --config.init_from=WORKDIR. --to reads a training or converted workdir's
-model.json and latest params; --config is needed only for a workdir without model.json.
+--from writes a params-only workdir (checkpoint.save_params: model.json, the source's
+tokenizer.model or tokenizer.json when it has one, checkpoints/0) that generate and evaluate
+read and that a training run starts from with --config.init_from=WORKDIR. --to reads a
+training or converted workdir's model.json and latest params; --config is needed only for a
+workdir without model.json.
 Our RoPE is Hugging Face's rotate-half layout, so HF weights map by transposes and reshapes only;
 Meta's q/k rows are permuted once, in meta_to_rotate_half.
 """
@@ -17,7 +18,6 @@ import dataclasses
 import json
 import pathlib
 import re
-import shutil
 import sys
 
 import jax
@@ -27,6 +27,7 @@ from safetensors.numpy import load_file, save_file
 
 from llama_jax import checkpoint
 from llama_jax.attention import resolve_attention
+from llama_jax.data.tokenizer import install, tokenizer_file
 from llama_jax.model import DTYPES, ModelConfig
 
 
@@ -64,9 +65,20 @@ def _layer_to_linears(p, cfg):
             "attention_norm": p["attention_norm"]["scale"], "ffn_norm": p["ffn_norm"]["scale"]}
 
 
+def _linear_shapes(cfg):
+    """PyTorch [out, in] shape of each per-layer tensor, by our name."""
+    d, f = cfg.dim, cfg.ffn_dim
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return {"wq": (q, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, q), "w1": (f, d),
+            "w3": (f, d), "w2": (d, f), "attention_norm": (d,), "ffn_norm": (d,)}
+
+
 def _assemble(cfg, embed, norm, output, layers):
-    """Our tree from per-layer dicts: stacked on axis 0 under "layers" when cfg.scan_layers."""
-    params = {"tok_embeddings": embed, "norm": {"scale": norm}, "output": output}
+    """Our tree from per-layer dicts: stacked on axis 0 under "layers" when cfg.scan_layers;
+    output is None for tied embeddings (the tree then has no "output")."""
+    params = {"tok_embeddings": embed, "norm": {"scale": norm}}
+    if not cfg.tie_embeddings:
+        params["output"] = output
     if cfg.scan_layers:
         params["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
     else:
@@ -97,35 +109,61 @@ def config_from_hf(hf: dict) -> ModelConfig:
     if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ValueError("config.json asks for a non-silu activation or biases, which LLaMA "
                          "does not have: convert a plain Llama checkpoint")
-    # transformers 5 nests rope settings in rope_parameters; 4.x kept rope_theta/rope_scaling flat
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"rope type {rope.get('rope_type')!r} is not supported: only plain "
-                         "RoPE (rope_type 'default') is implemented in model.rope")
     heads = hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
-        raise ValueError(f"head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads"
-                         f"={hf['hidden_size'] // heads}: model.py derives head_dim from dim")
     return ModelConfig(
         vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
         n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         ffn_dim=hf["intermediate_size"], norm_eps=hf["rms_norm_eps"],
-        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         max_seq_len=hf.get("max_position_embeddings", 2048), dtype="float32",
-        param_dtype="float32")
+        param_dtype="float32", **_rope_from_hf(hf))
 
 
-def config_to_hf(cfg: ModelConfig, tie_word_embeddings=False, dtype="float32") -> dict:
+def _rope_from_hf(hf: dict) -> dict:
+    """ModelConfig's rope fields from config.json: transformers 5 nests them all in
+    rope_parameters; 4.x kept rope_theta flat beside rope_scaling (null when unscaled)."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    fields = {"rope_theta": rope.get("rope_theta", hf.get("rope_theta", 10000.0))}
+    if kind == "linear":
+        fields.update(rope_scaling="linear", rope_scaling_factor=rope["factor"])
+    elif kind == "llama3":
+        fields.update(rope_scaling="llama3", rope_scaling_factor=rope["factor"],
+                      rope_low_freq_factor=rope["low_freq_factor"],
+                      rope_high_freq_factor=rope["high_freq_factor"],
+                      rope_original_max_seq_len=rope["original_max_position_embeddings"])
+    elif kind != "default":
+        raise ValueError(f"rope type {kind!r} is not supported: model.rope implements "
+                         "'default', 'linear' and 'llama3'")
+    return fields
+
+
+def _rope_to_hf(cfg: ModelConfig) -> dict:
+    """The inverse of _rope_from_hf, in both layouts, so transformers 4.x and 5 read it."""
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling == "linear":
+        rope.update(rope_type="linear", factor=cfg.rope_scaling_factor)
+    elif cfg.rope_scaling == "llama3":
+        rope.update(rope_type="llama3", factor=cfg.rope_scaling_factor,
+                    low_freq_factor=cfg.rope_low_freq_factor,
+                    high_freq_factor=cfg.rope_high_freq_factor,
+                    original_max_position_embeddings=cfg.rope_original_max_seq_len)
+    legacy = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return {"rope_theta": cfg.rope_theta, "rope_parameters": rope,
+            "rope_scaling": legacy if cfg.rope_scaling != "none" else None}
+
+
+def config_to_hf(cfg: ModelConfig, dtype="float32") -> dict:
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": tie_word_embeddings,
-        "bos_token_id": 1, "eos_token_id": 2, "dtype": dtype,
+        **_rope_to_hf(cfg), "attention_bias": False, "mlp_bias": False,
+        "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": 1, "eos_token_id": 2,
+        "dtype": dtype,
     }
 
 
@@ -174,19 +212,21 @@ def load_hf(src):
         _check_shape(name, tensors[name], shape)
         return tensors[name]
 
-    d, f, kv = cfg.dim, cfg.ffn_dim, cfg.n_kv_heads * cfg.head_dim
-    shapes = {"wq": (d, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, d), "w1": (f, d),
-              "w3": (f, d), "w2": (d, f), "attention_norm": (d,), "ffn_norm": (d,)}
+    shapes = _linear_shapes(cfg)
     layers = [_layer_from_linears({ours: take(f"model.layers.{i}.{theirs}.weight", shapes[ours])
                                    for ours, theirs in HF_LAYER.items()}, cfg)
               for i in range(cfg.n_layers)]
+    d = cfg.dim
     embed = take("model.embed_tokens.weight", (cfg.vocab_size, d))
     if embed.dtype.name not in DTYPES:
         raise ValueError(f"weights are {embed.dtype.name}: only {sorted(DTYPES)} are supported")
     # compute in the stored precision, so a bfloat16 checkpoint runs as it was released
     cfg = dataclasses.replace(cfg, dtype=embed.dtype.name, param_dtype=embed.dtype.name)
-    tied = hf.get("tie_word_embeddings", False) and "lm_head.weight" not in tensors
-    output = embed.T if tied else take("lm_head.weight", (cfg.vocab_size, d)).T
+    if cfg.tie_embeddings:  # transformers ties over a stored lm_head too, so it is unused
+        used.add("lm_head.weight")
+        output = None
+    else:
+        output = take("lm_head.weight", (cfg.vocab_size, d)).T
     params = _assemble(cfg, embed, take("model.norm.weight", (d,)), output, layers)
     unknown = sorted(n for n in set(tensors) - used if "rotary_emb" not in n)
     if unknown:
@@ -198,22 +238,18 @@ def load_hf_model(src):
     """load_hf for inference, shaped like checkpoint.load_model: (ModelConfig with attention
     resolved for this backend, params, the tokenizer path beside the weights)."""
     cfg, params = load_hf(src)
-    return (resolve_attention(cfg, jax.default_backend()), params,
-            pathlib.Path(src) / "tokenizer.model")
+    return resolve_attention(cfg, jax.default_backend()), params, tokenizer_file(src)
 
 
 def save_hf(cfg: ModelConfig, params, dst):
-    """Writes config.json + model.safetensors that transformers' LlamaForCausalLM loads.
-
-    The embeddings are written tied (no lm_head) only when output is exactly tok_embeddings.T.
-    """
+    """Writes config.json + model.safetensors that transformers' LlamaForCausalLM loads; a
+    tied model (cfg.tie_embeddings) has no lm_head tensor."""
     dst = pathlib.Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     params = jax.tree.map(np.asarray, params)
-    tied = np.array_equal(params["output"].T, params["tok_embeddings"])
     tensors = {"model.embed_tokens.weight": params["tok_embeddings"],
                "model.norm.weight": params["norm"]["scale"]}
-    if not tied:
+    if not cfg.tie_embeddings:
         tensors["lm_head.weight"] = params["output"].T
     for i, layer in enumerate(_layers(params, cfg)):
         for ours, array in _layer_to_linears(layer, cfg).items():
@@ -222,7 +258,7 @@ def save_hf(cfg: ModelConfig, params, dst):
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
               dst / "model.safetensors", metadata={"format": "pt"})
     dtype = params["tok_embeddings"].dtype.name  # what was written, whatever cfg says
-    (dst / "config.json").write_text(json.dumps(config_to_hf(cfg, tied, dtype), indent=2))
+    (dst / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2))
 
 
 # ------------------------------------------------------------------------------------- Meta
@@ -278,6 +314,10 @@ def load_meta(src):
         raise FileNotFoundError(f"{src / 'params.json'} is missing: point --src at a Meta "
                                 "checkpoint directory")
     meta = json.loads((src / "params.json").read_text())
+    if meta.get("use_scaled_rope"):
+        raise ValueError(f"{src / 'params.json'} asks for Llama 3.1+ scaled RoPE, whose factor "
+                         "Meta's params.json does not record: convert the Hugging Face release "
+                         "(--from=hf; its config.json names the scaling)")
     t = _read_meta_shards(src)
 
     def take(name):
@@ -291,9 +331,7 @@ def load_meta(src):
                       n_heads=meta["n_heads"], n_kv_heads=meta.get("n_kv_heads"),
                       ffn_dim=ffn_dim, norm_eps=meta.get("norm_eps", 1e-6),
                       rope_theta=meta.get("rope_theta", 10000.0))
-    d, f, kv = cfg.dim, cfg.ffn_dim, cfg.n_kv_heads * cfg.head_dim
-    shapes = {"wq": (d, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, d), "w1": (f, d),
-              "w3": (f, d), "w2": (d, f), "attention_norm": (d,), "ffn_norm": (d,)}
+    shapes = _linear_shapes(cfg)
     layers = []
     for i in range(cfg.n_layers):
         raw = {}
@@ -306,6 +344,7 @@ def load_meta(src):
         raw["wq"] = meta_to_rotate_half(raw["wq"], cfg.n_heads)
         raw["wk"] = meta_to_rotate_half(raw["wk"], cfg.n_kv_heads)
         layers.append(_layer_from_linears(raw, cfg))
+    d = cfg.dim
     _check_shape("tok_embeddings.weight", embed, (cfg.vocab_size, d))
     output = take("output.weight")
     _check_shape("output.weight", output, (cfg.vocab_size, d))
@@ -340,10 +379,10 @@ def main(argv):
             cfg, params, tok = checkpoint.load_model(src, fl.config)
             save_hf(cfg, params, fl.dst)
             if tok.exists():
-                shutil.copyfile(tok, pathlib.Path(fl.dst) / "tokenizer.model")
+                install(tok, fl.dst)
         else:
             cfg, params = load_hf(src) if source == "hf" else load_meta(src)
-            tok = src / "tokenizer.model"
+            tok = tokenizer_file(src)
             checkpoint.save_params(fl.dst, cfg, params, tok if tok.exists() else None)
     except (ValueError, KeyError, OSError, ImportError) as e:
         # a known failure is one line that says the fix, not a traceback wall

@@ -18,7 +18,6 @@ import numpy as np
 from absl import app, flags
 
 from llama_jax import checkpoint, train_step
-from llama_jax.data.tokenizer import BOS_ID, EOS_ID
 from llama_jax.model import Llama
 
 
@@ -51,7 +50,8 @@ def evaluate_texts(cfg, params, tokenizer, texts, seq_len, batch_size, max_batch
     if seq_len > cfg.max_seq_len:
         raise ValueError(f"seq_len={seq_len} exceeds model.max_seq_len={cfg.max_seq_len}: "
                          "lower --seq_len")
-    docs = [[BOS_ID] + tokenizer.encode(t) + [EOS_ID] for t in texts if t.strip()]
+    bos, eos = tokenizer.bos_id(), tokenizer.eos_id()
+    docs = [[bos] + tokenizer.encode(t) + [eos] for t in texts if t.strip()]
     texts = [t for t in texts if t.strip()]
     step = jax.jit(functools.partial(train_step.eval_step, model=Llama(cfg), chunk_size=0))
     keys = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
@@ -152,7 +152,7 @@ def define_flags():
     from ml_collections import config_flags
     config_flags.DEFINE_config_file("config", None, "configs/*.py of a training workdir (its "
                                     "model and data sections); optional with model.json.")
-    flags.DEFINE_string("workdir", None, "Workdir: latest checkpoint and tokenizer.model.")
+    flags.DEFINE_string("workdir", None, "Workdir: latest checkpoint and tokenizer.")
     flags.DEFINE_list("sources", [], "Evaluate only these data.sources names (default: all).")
     flags.DEFINE_integer("seq_len", 0, "Tokens per row; default data.seq_len of --config, "
                          "else min(model.max_seq_len, 2048).")

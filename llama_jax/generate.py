@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags
 
 from llama_jax import checkpoint, convert
-from llama_jax.model import Llama, ModelConfig, init_cache
+from llama_jax.model import Llama, ModelConfig, init_cache, output_matrix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +61,7 @@ def _prefill(params, tokens, positions, segment_ids, cache, key, sampling, *, cf
     # left padding puts every row's last prompt token in the last slot; projecting only that
     # one keeps [B, T, V] logits of a long prompt out of memory
     last = hidden[:, -1]  # [B, D]
-    logits = jnp.einsum("bd,dv->bv", last, params["output"].astype(last.dtype))
+    logits = jnp.einsum("bd,dv->bv", last, output_matrix(params, cfg).astype(last.dtype))
     return sample(logits.astype(jnp.float32), jax.random.fold_in(key, 0), *sampling), cache
 
 
@@ -122,10 +122,10 @@ def define_flags():
     from ml_collections import config_flags
     config_flags.DEFINE_config_file("config", None, "configs/*.py the workdir was trained with; "
                                     "needed only without model.json.")
-    flags.DEFINE_string("workdir", None, "Workdir: latest checkpoint and tokenizer.model.")
+    flags.DEFINE_string("workdir", None, "Workdir: latest checkpoint and tokenizer.")
     flags.DEFINE_string("hf", None, "Hugging Face model directory (instead of --workdir).")
-    flags.DEFINE_string("tokenizer", None, "SentencePiece model; default: the one beside "
-                        "the weights.")
+    flags.DEFINE_string("tokenizer", None, "SentencePiece .model or Hugging Face tokenizer.json;"
+                        " default: the one beside the weights.")
     flags.DEFINE_multi_string("prompt", [], "Prompt text; repeat for a batch.")
     flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt at most.")
     flags.DEFINE_float("temperature", 0.0, "0 decodes greedily.")
@@ -147,7 +147,7 @@ def main(argv):
         tok_path = pathlib.Path(fl.tokenizer or tok_path)
         if not tok_path.exists():
             raise FileNotFoundError(f"{tok_path} is missing: pass "
-                                    "--tokenizer=PATH/tokenizer.model")
+                                    "--tokenizer=PATH/tokenizer.model or tokenizer.json")
         tokenizer = load_tokenizer(tok_path, cfg.vocab_size)
     except (ValueError, KeyError, OSError) as e:
         # a known failure is one line that says the fix, not a traceback wall

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax import checkpoint, convert, generate as gen
-from llama_jax.data.tokenizer import BOS_ID
 from llama_jax.model import Llama
 
 try:
@@ -61,7 +60,7 @@ class LlamaJaxLM(LM):
                                       else checkpoint.load_model(workdir, config))
         if not pathlib.Path(tok_path).exists():
             raise FileNotFoundError(f"{tok_path} is missing: put the model's tokenizer.model "
-                                    "beside its weights")
+                                    "or tokenizer.json beside its weights")
         self.tokenizer = load_tokenizer(tok_path, self.cfg.vocab_size)
         self.params = checkpoint.place(self.cfg, params)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
@@ -75,8 +74,8 @@ class LlamaJaxLM(LM):
         whole = self.tokenizer.encode(context + continuation)
         ctx = self.tokenizer.encode(context) if context else []
         if whole[:len(ctx)] != ctx:
-            return [BOS_ID] + ctx, self.tokenizer.encode(continuation)
-        return [BOS_ID] + ctx, whole[len(ctx):]
+            return [self.tokenizer.bos_id()] + ctx, self.tokenizer.encode(continuation)
+        return [self.tokenizer.bos_id()] + ctx, whole[len(ctx):]
 
     def _score(self, pairs):
         """[(context ids, continuation ids)] -> [(sum of log p(continuation), all greedy)]."""
@@ -105,7 +104,7 @@ class LlamaJaxLM(LM):
         with as much preceding text as fits as context."""
         out = []
         for r in requests:
-            tokens = [BOS_ID] + self.tokenizer.encode(r.args[0])
+            tokens = [self.tokenizer.bos_id()] + self.tokenizer.encode(r.args[0])
             windows = []
             for s in range(1, len(tokens), self.max_length):
                 e = min(s + self.max_length, len(tokens))
@@ -123,7 +122,8 @@ class LlamaJaxLM(LM):
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get(
                 "do_sample", kwargs.get("temperature", 0.0) > 0) else 0.0
             # the newest context that leaves room for the answer
-            prompt = ([BOS_ID] + self.tokenizer.encode(context))[-(self.max_length - max_new):]
+            prompt = [self.tokenizer.bos_id()] + self.tokenizer.encode(context)
+            prompt = prompt[-(self.max_length - max_new):]
             tokens = gen.generate(self.cfg, self.params, [prompt], max_new,
                                   gen.Sampling(temperature), eos_id=self.tokenizer.eos_id())[0]
             text = self.tokenizer.decode(tokens)

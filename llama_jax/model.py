@@ -1,7 +1,8 @@
 """The LLaMA transformer in Flax linen, and ModelConfig with its parameter and FLOP counts.
 
-Pre-RMSNorm blocks, causal attention with rotary embeddings (MHA or GQA), SwiGLU MLP, untied
-output projection, no biases. Every parameter carries logical axis names; sharding.py maps them.
+Pre-RMSNorm blocks, causal attention with rotary embeddings (MHA or GQA; plain, linear or
+Llama 3 frequency scaling), SwiGLU MLP, an output projection of its own or tied to the input
+embedding (Llama 3.2), no biases. Every parameter carries logical axis names; sharding.py maps them.
 Axis letters: B batch, T sequence, S cache slot, D model dim, H heads, K kv heads, E head dim,
 F ffn dim, V vocab, L layers. The attention implementations live in attention.py.
 """
@@ -41,10 +42,20 @@ class ModelConfig:
     n_layers: int
     n_heads: int
     n_kv_heads: Optional[int] = None  # None: same as n_heads (LLaMA-1 multi-head attention)
+    head_dim: Optional[int] = None  # None: dim // n_heads (every Llama release so far)
     ffn_dim: Optional[int] = None  # None: derived from multiple_of as in Meta's code
     multiple_of: int = 256
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    # RoPE frequency scaling for contexts beyond the one pretrained (Hugging Face's rope_type):
+    # "none"; "linear" (every frequency / factor); "llama3" (Llama 3.1/3.2: long wavelengths /
+    # factor, short ones kept, a smooth blend between, set by the fields below)
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
+    tie_embeddings: bool = False  # logits use tok_embeddings.T; there is no "output" parameter
     max_seq_len: int = 2048
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
@@ -55,43 +66,57 @@ class ModelConfig:
     def __post_init__(self):
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.head_dim is None:
+            if self.n_heads > 0 and self.dim % self.n_heads:
+                raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads="
+                                 f"{self.n_heads}: pick n_heads that divides dim, or set "
+                                 "model.head_dim")
+            object.__setattr__(self, "head_dim", self.dim // max(self.n_heads, 1))
         if self.ffn_dim is None:
             hidden = int(2 * 4 * self.dim / 3)
             object.__setattr__(
                 self, "ffn_dim", self.multiple_of * math.ceil(hidden / self.multiple_of))
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
-                     "max_seq_len"):
+                     "max_seq_len", "head_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be positive")
-        if self.dim % self.n_heads:
-            raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads="
-                             f"{self.n_heads}: pick n_heads that divides dim")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads="
                              f"{self.n_kv_heads}: pick n_kv_heads that divides n_heads")
         if self.head_dim % 2:
             raise ValueError(f"head dim {self.head_dim} must be even for rotary embeddings")
+        if self.rope_scaling not in ROPE_SCALING:
+            raise ValueError(f"model.rope_scaling={self.rope_scaling!r} is unknown: use one of "
+                             f"{list(ROPE_SCALING)}")
+        if self.rope_scaling != "none" and self.rope_scaling_factor < 1:
+            raise ValueError(f"model.rope_scaling_factor={self.rope_scaling_factor} must be >= 1"
+                             " (it stretches the pretrained context)")
+        if self.rope_scaling == "llama3" and not (
+                0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+            raise ValueError(f"model.rope_low_freq_factor={self.rope_low_freq_factor} must be "
+                             f"positive and below rope_high_freq_factor="
+                             f"{self.rope_high_freq_factor}")
         for name, known in (("remat", REMAT_POLICIES), ("attention", ATTENTION),
                             ("dtype", DTYPES), ("param_dtype", DTYPES)):
             if getattr(self, name) not in known:
                 raise ValueError(f"model.{name}={getattr(self, name)!r} is unknown: use one of "
                                  f"{list(known)}")
 
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
     def num_params(self) -> int:
-        d, f, kv = self.dim, self.ffn_dim, self.n_kv_heads * self.head_dim
-        per_layer = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d  # wq wo, wk wv, w1 w2 w3, 2 norms
-        return 2 * self.vocab_size * d + self.n_layers * per_layer + d
+        d, f = self.dim, self.ffn_dim
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        per_layer = 2 * d * q + 2 * d * kv + 3 * d * f + 2 * d  # wq wo, wk wv, w1 w2 w3, 2 norms
+        tables = 1 if self.tie_embeddings else 2  # input embedding [+ output projection]
+        return tables * self.vocab_size * d + self.n_layers * per_layer + d
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token: 6 per weight that multiplies (every parameter but the input
-        embedding table, which is a lookup) plus causal attention scores (6*L*T*D). MFU and
-        the scaling study use this count."""
-        return 6 * (self.num_params() - self.vocab_size * self.dim) + \
-            6 * self.n_layers * seq_len * self.dim
+        """Training FLOPs per token: 6 per weight that multiplies plus causal attention scores
+        (6*L*T*H*E, H*E = D in every Llama). The input embedding is a lookup, not a matmul: an
+        untied table is left out, a tied one counts once (as the output projection). MFU and the
+        scaling study use this count."""
+        lookup = 0 if self.tie_embeddings else self.vocab_size * self.dim
+        return 6 * (self.num_params() - lookup) + \
+            6 * self.n_layers * seq_len * self.n_heads * self.head_dim
 
 
 def _param(module, name, init, shape, axes, cfg):
@@ -127,11 +152,34 @@ class RMSNorm(nn.Module):
         return (x32 * scale.astype(jnp.float32)).astype(DTYPES[self.cfg.dtype])
 
 
-def rope(x, positions, theta):
-    """Rotary embedding, rotate-half layout (Hugging Face's): x [B, T, H or K, E], positions [B, T].
-    Meta's checkpoints rotate interleaved pairs; convert.py permutes their q/k rows once instead."""
-    e = x.shape[-1]
-    freqs = 1.0 / theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e)  # [E/2]
+ROPE_SCALING = ("none", "linear", "llama3")
+
+
+def rope_frequencies(cfg: ModelConfig):
+    """The E/2 rotary frequencies [E/2], float32, after cfg.rope_scaling.
+
+    llama3 (Meta's Llama 3.1 code, HF rope_type "llama3"): with wavelength w = 2 pi / f and the
+    pretrained context C, w < C / high_freq_factor keeps f (local order stays sharp),
+    w > C / low_freq_factor takes f / factor (long range stretches to the new context), and in
+    between f blends linearly in C / w from one to the other."""
+    e = cfg.head_dim
+    freqs = 1.0 / cfg.rope_theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e)
+    factor = cfg.rope_scaling_factor
+    if cfg.rope_scaling == "linear":
+        return freqs / factor
+    if cfg.rope_scaling == "llama3":
+        low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        context = cfg.rope_original_max_seq_len
+        wavelength = 2 * math.pi / freqs
+        smooth = jnp.clip((context / wavelength - low) / (high - low), 0.0, 1.0)
+        return (1 - smooth) * freqs / factor + smooth * freqs
+    return freqs
+
+
+def rope(x, positions, freqs):
+    """Rotary embedding, rotate-half layout (Hugging Face's): x [B, T, H or K, E], positions [B, T],
+    freqs [E/2] (rope_frequencies). Meta's checkpoints rotate interleaved pairs; convert.py
+    permutes their q/k rows once instead."""
     angles = positions.astype(jnp.float32)[..., None] * freqs  # [B, T, E/2]
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -154,8 +202,9 @@ class Attention(nn.Module):
         wk = _param(self, "wk", init, (d, k, e), ("embed", "kv_heads", "head_dim"), cfg)
         wv = _param(self, "wv", init, (d, k, e), ("embed", "kv_heads", "head_dim"), cfg)
         wo = _param(self, "wo", _dense_init(h * e), (h, e, d), ("heads", "head_dim", "embed"), cfg)
-        q = constrain(rope(linear(x, wq), positions, cfg.rope_theta), QUERY)
-        key = constrain(rope(linear(x, wk), positions, cfg.rope_theta), KEY_VALUE)
+        freqs = rope_frequencies(cfg)
+        q = constrain(rope(linear(x, wq), positions, freqs), QUERY)
+        key = constrain(rope(linear(x, wk), positions, freqs), KEY_VALUE)
         v = constrain(linear(x, wv), KEY_VALUE)
         if kv is None:
             out = causal_attention(q, key, v, segment_ids, cfg.attention)
@@ -194,6 +243,11 @@ class Block(nn.Module):
         x = constrain(x + attn, HIDDEN)
         x = x + MLP(self.cfg, name="feed_forward")(RMSNorm(self.cfg, name="ffn_norm")(x))
         return constrain(x, HIDDEN), kv  # (carry, per-layer output) so the same block runs under nn.scan
+
+
+def output_matrix(params, cfg: ModelConfig):
+    """The output projection [D, V]: its own parameter, or the input embedding's transpose."""
+    return params["tok_embeddings"].T if cfg.tie_embeddings else params["output"]
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int):
@@ -267,8 +321,9 @@ class Llama(nn.Module):
             kv = jax.tree.map(lambda *a: jnp.stack(a), *kvs) if extra else None
 
         x = constrain(RMSNorm(cfg, name="norm")(x), HIDDEN)  # [B, T, D], into the loss
-        out = _param(self, "output", _dense_init(cfg.dim), (cfg.dim, cfg.vocab_size),
-                     ("embed", "vocab"), cfg)
+        out = embed.T if cfg.tie_embeddings else _param(
+            self, "output", _dense_init(cfg.dim), (cfg.dim, cfg.vocab_size), ("embed", "vocab"),
+            cfg)
         # return_hidden: the loss projects in chunks, so [B, T, V] never exists at once
         result = x if return_hidden else linear(x, out).astype(jnp.float32)
         if cache is None:

@@ -13,7 +13,6 @@ DIR/scaling.md and DIR/scaling.png. Rerunning resumes unfinished sizes and skips
 import json
 import math
 import pathlib
-import shutil
 import sys
 import time
 
@@ -101,8 +100,8 @@ def run_size(config, size, workdir, tokenizer_path):
         logging.info("size %s already finished: %s", size, done)
         return json.loads(done.read_text())
     sub.mkdir(parents=True, exist_ok=True)
-    if not (sub / "tokenizer.model").exists():  # one tokenizer: the same validation tokens
-        shutil.copy(tokenizer_path, sub / "tokenizer.model")
+    if not tokenizer_lib.tokenizer_file(sub).exists():  # one tokenizer: the same eval tokens
+        tokenizer_lib.install(tokenizer_path, sub)
     cfg = model_config(config)
     data, tc = config.data, config.train
     logging.info("size %s: %.2fM parameters, %d steps", size, cfg.num_params() / 1e6, tc.steps)
@@ -133,8 +132,7 @@ def run_study(base, budget, sizes, workdir):
     configs = {size: size_config(base, size, budget) for size in sizes}
     workdir.mkdir(parents=True, exist_ok=True)
     check_study(workdir, base, budget)
-    tokenizer_lib.get_tokenizer(workdir, base.data, base.model.vocab_size)
-    tokenizer_path = base.data.tokenizer_path or workdir / "tokenizer.model"
+    tokenizer_path = tokenizer_lib.get_tokenizer(workdir, base.data, base.model.vocab_size).path
     results = [run_size(configs[size], size, workdir, tokenizer_path) for size in sizes]
     results.sort(key=lambda r: r["params"])
     study = {"budget": budget, "seq_len": base.data.seq_len,

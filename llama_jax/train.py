@@ -111,7 +111,7 @@ def train(config, workdir):
     meta = {"config": checkpoint.config_json(config), "process_count": jax.process_count(),
             "data_shards": pipeline.process_shards(data, jax.process_index(),
                                                    jax.process_count())[1],
-            "tokenizer": checkpoint.fingerprint(workdir / "tokenizer.model")}
+            "tokenizer": checkpoint.fingerprint(tokenizer.path)}
     state, train_data = start_state(step, config, ckpt, meta, train_data, tokenizer)
 
     # Phase 4: the loop.

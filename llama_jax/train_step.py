@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llama_jax import optim, sharding
 from llama_jax.config import validate
-from llama_jax.model import DTYPES, Llama, ModelConfig
+from llama_jax.model import DTYPES, Llama, ModelConfig, output_matrix
 
 
 @flax.struct.dataclass
@@ -118,8 +118,8 @@ def summed_loss(params, batch, model, chunk_size):
     params = layers_in_compute_dtype(params, DTYPES[model.cfg.dtype])
     hidden = model.apply({"params": params}, batch["inputs"], batch["positions"],
                          batch.get("segment_ids"), return_hidden=True)
-    return cross_entropy(hidden, params["output"], batch["targets"], batch["loss_mask"],
-                         chunk_size)
+    return cross_entropy(hidden, output_matrix(params, model.cfg), batch["targets"],
+                         batch["loss_mask"], chunk_size)
 
 
 def loss_fn(params, batch, model, chunk_size):

@@ -1,5 +1,6 @@
 """Conversion parity against transformers' LlamaForCausalLM on random-weight tiny models."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,21 +16,34 @@ from helpers import ROOT
 from llama_jax import checkpoint, convert
 from llama_jax.model import Llama
 
-SHAPES = {  # (vocab, dim, layers, heads, kv heads, ffn, tied, rope theta)
-    "mha": (101, 32, 2, 4, 4, 64, False, 10000.0),
-    "gqa_odd_vocab": (257, 48, 3, 6, 2, 80, False, 500000.0),
-    "mqa_tied": (67, 32, 2, 4, 1, 48, True, 10000.0),
+# (vocab, dim, layers, heads, kv heads, ffn, tied, rope parameters[, head_dim]): odd sizes, and
+# scaling whose original context (32) the parity tokens (80 positions) run past. With head dim
+# 16 and theta 1e4 the wavelengths 6.3, 20, 63, ... put one frequency in each llama3 regime
+# (kept below 32/4, blended between, divided by the factor above 32).
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+SHAPES = {
+    "mha": (101, 32, 2, 4, 4, 64, False, {"rope_type": "default", "rope_theta": 10000.0}),
+    "gqa_odd_vocab": (257, 48, 3, 6, 2, 80, False,
+                      {"rope_type": "default", "rope_theta": 500000.0}),
+    "mqa_tied": (67, 32, 2, 4, 1, 48, True, {"rope_type": "default", "rope_theta": 10000.0}),
+    # Llama 3.1-like: GQA + llama3 scaling, and heads x head_dim (96) wider than dim (48)
+    "llama3_gqa_wide_heads": (131, 48, 2, 6, 2, 72, False, LLAMA3, 16),
+    # Llama 3.2-like: tied embeddings + llama3 scaling with factor 32
+    "llama3_tied": (97, 64, 2, 4, 2, 96, True, dict(LLAMA3, factor=32.0)),
+    "linear_scaling": (53, 32, 2, 2, 1, 40, False,
+                       {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
 }
 
 
 def hf_model(name, seed=0):
-    vocab, dim, layers, heads, kv, ffn, tied, theta = SHAPES[name]
+    vocab, dim, layers, heads, kv, ffn, tied, rope, *head_dim = SHAPES[name]
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab, hidden_size=dim, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv,
                          intermediate_size=ffn, tie_word_embeddings=tied, rms_norm_eps=1e-5,
-                         rope_parameters={"rope_type": "default", "rope_theta": theta},
-                         max_position_embeddings=128)
+                         rope_parameters=dict(rope), max_position_embeddings=128,
+                         head_dim=head_dim[0] if head_dim else dim // heads)
     model = LlamaForCausalLM(config).eval()
     # HF's init (std 0.02, norms 1) gives logits near 0 where any error looks small, and
     # norms of 1 would hide a swapped norm: logits here span a few units
@@ -48,7 +62,7 @@ def our_logits(cfg, params, tokens):
     return np.asarray(Llama(cfg).apply({"params": params}, tokens))
 
 
-def tokens_for(model, seed=1, shape=(2, 24)):
+def tokens_for(model, seed=1, shape=(2, 80)):
     return np.random.default_rng(seed).integers(0, model.config.vocab_size, shape).astype(np.int32)
 
 
@@ -60,12 +74,18 @@ def test_hf_logits_match_and_round_trip_is_bit_exact(name, tmp_path):
     assert (tmp_path / "hf" / "model.safetensors.index.json").exists() == (name == "mha")
 
     cfg, params = convert.load_hf(tmp_path / "hf")
+    assert cfg.rope_scaling == {"default": "none"}.get(SHAPES[name][7]["rope_type"],
+                                                       SHAPES[name][7]["rope_type"])
+    assert ("output" in params) == (not cfg.tie_embeddings) == (not SHAPES[name][6])
     tokens = tokens_for(model)
     expected = hf_logits(model, tokens)
     diff = np.abs(our_logits(cfg, params, tokens) - expected).max()
     print(f"{name}: max-abs logit diff {diff:.2e} (logit std {expected.std():.2f})")
     assert expected.std() > 0.3
     assert diff <= 1e-5
+    if cfg.rope_scaling != "none":  # the scaling is what makes the positions past 32 agree
+        plain = dataclasses.replace(cfg, rope_scaling="none")
+        assert np.abs(our_logits(plain, params, tokens) - expected)[:, 32:].max() > 1e-2
 
     convert.save_hf(cfg, params, tmp_path / "back")
     original = model.state_dict()
@@ -76,10 +96,11 @@ def test_hf_logits_match_and_round_trip_is_bit_exact(name, tmp_path):
         assert np.array_equal(array, original[key].numpy()), key
     reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "back").eval()
     np.testing.assert_array_equal(hf_logits(reloaded, tokens), hf_logits(model, tokens))
+    assert convert.config_from_hf(json.loads((tmp_path / "back" / "config.json").read_text())) \
+        == cfg  # every field, rope scaling and tying included, survives the trip
 
 
 def test_unstacked_layers_convert_too(tmp_path):
-    import dataclasses
     model = hf_model("gqa_odd_vocab")
     model.save_pretrained(tmp_path / "hf")
     cfg, params = convert.load_hf(tmp_path / "hf")
@@ -179,8 +200,8 @@ def test_cli_hf_to_workdir_and_back(tmp_path):
 @pytest.mark.parametrize("edit, error, match", [
     (lambda c: c.update(architectures=["MistralForCausalLM"]), ValueError, "LlamaForCausalLM"),
     (lambda c: c.update(intermediate_size=65), ValueError, "gate_proj"),
-    (lambda c: c.update(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4}),
-     ValueError, "rope type"),
+    (lambda c: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}),
+     ValueError, "rope type 'yarn' is not supported"),
 ])
 def test_bad_hf_input_is_a_clear_error(edit, error, match, tmp_path):
     hf_model("mha").save_pretrained(tmp_path)

@@ -44,11 +44,18 @@ def greedy_by_recomputation(cfg, params, prompts, steps):
 
 # Every generate() call below uses the same prompts and max_new_tokens=32, so they share one
 # compiled prefill and decode step (the slow part on CPU).
-def test_cached_greedy_equals_full_recomputation_for_32_steps():
-    params = params_for(CFG)
-    cached = gen.generate(CFG, params, PROMPTS, max_new_tokens=32)
+# Llama 3.2's shape in miniature: tied embeddings, llama3 RoPE with a context (16) that the
+# 32 generated tokens run past
+LLAMA32 = dataclasses.replace(CFG, tie_embeddings=True, rope_scaling="llama3",
+                              rope_scaling_factor=32.0, rope_original_max_seq_len=16)
+
+
+@pytest.mark.parametrize("cfg", [CFG, LLAMA32], ids=["llama", "llama32"])
+def test_cached_greedy_equals_full_recomputation_for_32_steps(cfg):
+    params = params_for(cfg)
+    cached = gen.generate(cfg, params, PROMPTS, max_new_tokens=32)
     assert [len(c) for c in cached] == [32, 32, 32]
-    assert cached == greedy_by_recomputation(CFG, params, PROMPTS, 32)
+    assert cached == greedy_by_recomputation(cfg, params, PROMPTS, 32)
     assert len({tuple(c) for c in cached}) == 3  # rows differ: no row saw another's tokens
 
 

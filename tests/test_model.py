@@ -9,18 +9,24 @@ from helpers import load_config
 from llama_jax.config import model_config
 from llama_jax.model import Llama, ModelConfig
 
-PAPER_PARAMS = {"7b": 6_738_415_616, "13b": 13_015_864_320, "33b": 32_528_943_616,
-                "65b": 65_285_660_672}
+# the LLaMA paper's Table 2, and the Llama 2 / 3.x counts Meta and Hugging Face publish
+PUBLISHED_PARAMS = {"llama_7b": 6_738_415_616, "llama_13b": 13_015_864_320,
+                    "llama_33b": 32_528_943_616, "llama_65b": 65_285_660_672,
+                    "llama2_7b": 6_738_415_616, "llama2_13b": 13_015_864_320,
+                    "llama2_70b": 68_976_648_192, "llama31_8b": 8_030_261_248,
+                    "llama31_70b": 70_553_706_496, "llama32_1b": 1_235_814_400,
+                    "llama32_3b": 3_212_749_824}
 
 
-@pytest.mark.parametrize("size", sorted(PAPER_PARAMS))
-def test_parameter_count_matches_paper_without_allocating(size):
-    cfg = model_config(load_config(f"configs/llama_{size}.py"))
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_parameter_count_matches_the_published_one_without_allocating(name):
+    cfg = model_config(load_config(f"configs/{name}.py"))
     shapes = jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0),
-                                                    jnp.zeros((1, 8), jnp.int32)))
+                                                    jnp.zeros((1, 8), jnp.int32)))["params"]
     counted = sum(x.size for x in jax.tree.leaves(shapes))
-    assert counted == PAPER_PARAMS[size]
-    assert cfg.num_params() == PAPER_PARAMS[size]
+    assert counted == PUBLISHED_PARAMS[name]
+    assert cfg.num_params() == PUBLISHED_PARAMS[name]
+    assert ("output" in shapes) == (not cfg.tie_embeddings)  # tied: no separate matrix
 
 
 def test_ffn_dim_follows_multiple_of_rounding():
@@ -28,20 +34,23 @@ def test_ffn_dim_follows_multiple_of_rounding():
             [(4096, 32), (5120, 40), (6656, 52), (8192, 64)]] == [11008, 13824, 17920, 22016]
 
 
-def test_flops_per_token_matches_what_xla_counts_in_the_compiled_step():
+@pytest.mark.parametrize("tied", [False, True])
+def test_flops_per_token_matches_what_xla_counts_in_the_compiled_step(tied):
     """XLA's own FLOP count of the compiled forward + backward of an unrolled small model against
     flops_per_token x tokens. XLA counts a little more: the elementwise work (norms, rope,
     softmax, SwiGLU, logsumexp) and the masked upper half of the attention scores, which the
     xla attention computes and causal counting leaves out. At these sizes matmuls dominate and
     the measured ratio is 1.021 (jax 0.10.2, CPU). Every analytic term is larger than the 3%
     margin here: dropping attention would give 1.037, counting the input embedding as a matmul
-    0.82, dropping the output projection 1.35, so each would fail."""
+    0.82, dropping the output projection 1.35, so each would fail. Tied embeddings count the
+    shared table once, as the output projection (not counting it would give 1.35 too)."""
     import flax.linen as nn
     from helpers import random_batch
     from llama_jax import train_step
     batch_size, seq_len = 8, 64
     cfg = ModelConfig(vocab_size=2048, dim=256, n_layers=2, n_heads=4, ffn_dim=688,
-                      max_seq_len=seq_len, remat="none", scan_layers=False, attention="xla")
+                      max_seq_len=seq_len, remat="none", scan_layers=False, attention="xla",
+                      tie_embeddings=tied)
     model = Llama(cfg)
     params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0),
                                                         jnp.zeros((1, seq_len), jnp.int32))))
@@ -64,6 +73,8 @@ def test_7b_flops_per_token_is_the_papers_6n_less_the_embedding_lookup():
     (dict(n_heads=3), "not divisible by model.n_heads"),
     (dict(n_kv_heads=3), "not divisible by model.n_kv_heads"),
     (dict(remat="sometimes"), "model.remat"),
+    (dict(rope_scaling="yarn"), "model.rope_scaling='yarn' is unknown"),
+    (dict(rope_scaling="llama3", rope_scaling_factor=0.5), "rope_scaling_factor=0.5 must be"),
     (dict(dtype="float8"), "model.dtype"),
 ])
 def test_bad_model_config_raises(bad, message):

@@ -76,10 +76,12 @@ def test_step_reports_metrics_and_learns_a_repeated_batch():
     assert float(history[-1]["loss"]) < 0.5 * float(history[0]["loss"])
 
 
-def test_chunked_loss_equals_the_full_loss_and_gradient():
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_loss_equals_the_full_loss_and_gradient(tied):
     """The loss computes its output-projection gradient in the forward pass (custom VJP): its
-    value and gradient, chunked or not, must equal plain autodiff through materialised logits."""
-    config = micro_config()
+    value and gradient, chunked or not, must equal plain autodiff through materialised logits.
+    Tied, the embedding's gradient is its lookup's plus the projection's, transposed."""
+    config = micro_config(tie_embeddings=tied)
     model = Llama(model_config(config))
     batch = random_batch(jax.random.key(3), 4, 32, 512)
     batch["loss_mask"] = batch["loss_mask"].at[:, :5].set(0.0)

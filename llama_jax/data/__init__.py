@@ -1,2 +1,3 @@
-"""Input: sources (built-in corpus, local files, TFDS), the SentencePiece tokenizer and the
-tf.data pipeline (in-graph tokenization, packing, mixing, checkpointable iterator)."""
+"""Input: sources (built-in corpus, local files, TFDS), the tokenizers (SentencePiece or a
+Hugging Face tokenizer.json) and the tf.data pipeline (in-graph tokenization, packing, mixing,
+checkpointable iterator)."""

@@ -18,11 +18,11 @@ from llama_jax.data import pipeline, tokenizer
 def define_flags():
     """Only when run as a program: tests import measure() beside other entry points' flags."""
     config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.")
-    flags.DEFINE_string("workdir", None, "Run directory holding (or receiving) tokenizer.model.")
+    flags.DEFINE_string("workdir", None, "Run directory holding (or receiving) the tokenizer.")
     flags.DEFINE_integer("batches", 50, "Batches to measure, after a warm-up of 5.")
 
 
-def measure(dataset, names, batches, warmup=5):
+def measure(dataset, names, batches, bos_id, warmup=5):
     iterator = dataset.as_numpy_iterator()
     for _ in range(warmup):  # tracing and filling the shuffle buffer are not throughput
         next(iterator)
@@ -34,7 +34,7 @@ def measure(dataset, names, batches, warmup=5):
         real = (batch["segment_ids"] > 0).sum(axis=1)
         np.add.at(tokens_by_source, batch["source"], real)
         slots += batch["segment_ids"].size
-        documents += int((batch["inputs"] == tokenizer.BOS_ID).sum())
+        documents += int((batch["inputs"] == bos_id).sum())
     seconds = time.time() - start
     tokens = tokens_by_source.sum()
     return {
@@ -55,7 +55,7 @@ def main(argv):
     dataset = pipeline.make_dataset("train", config.data, sp, config.data.global_batch_size,
                                     with_source=True)
     names = [entry["name"] for entry in config.data.sources]
-    print(json.dumps(measure(dataset, names, flags.FLAGS.batches)))
+    print(json.dumps(measure(dataset, names, flags.FLAGS.batches, sp.bos_id())))
 
 
 if __name__ == "__main__":

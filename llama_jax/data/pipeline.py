@@ -1,4 +1,4 @@
-"""The input pipeline, all inside the tf.data graph: documents -> SentencePiece ids with BOS/EOS ->
+"""The input pipeline, all inside the tf.data graph: documents -> token ids with BOS/EOS ->
 packed rows per source -> weighted mixture -> shuffled batches, plus the checkpointable iterator.
 
 Packing concatenates a source's documents into rows of seq_len + 1 tokens with no padding. Each
@@ -17,7 +17,6 @@ from llama_jax import quiet
 
 with quiet.native_notices_filtered():  # TensorFlow's native start-up notices
     import tensorflow as tf
-    import tensorflow_text as tf_text
     # the full tensorflow package (tensorflow-text needs it) would otherwise claim accelerator
     # memory that belongs to JAX; the input pipeline runs on the host CPU
     try:
@@ -30,13 +29,11 @@ from llama_jax.data import sources as sources_lib  # noqa: E402
 MIX_BLOCK = 1000  # rows per block of the mixture schedule: shares are exact within a block
 
 
-def tokenize(docs, model_proto):
-    """Dataset of strings -> dataset of int32 [n] ids, BOS and EOS around each document."""
-    with quiet.native_notices_filtered():  # the op logs that our identity normaliser is empty
-        sp = tf_text.SentencepieceTokenizer(model=model_proto, out_type=tf.int32, add_bos=True,
-                                            add_eos=True)
+def tokenize(docs, tokenizer):
+    """Dataset of strings -> dataset of int32 [n] ids, BOS and EOS around each document, with
+    either kind of data/tokenizer.py's tokenizers."""
     docs = docs.filter(lambda text: tf.strings.length(tf.strings.strip(text)) > 0)
-    return docs.map(sp.tokenize, num_parallel_calls=tf.data.AUTOTUNE)
+    return docs.map(tokenizer.graph_encoder(), num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def pack(token_docs, seq_len):
@@ -121,7 +118,6 @@ def make_dataset(split, data_config, tokenizer, local_batch_size, *, process_ind
         raise ValueError("data.sources is empty: add e.g. dict(name='code', builtin='code')")
     weights = mixture_weights(entries)
     seed = data_config.seed + 1000 * process_index
-    model_proto = tokenizer.serialized_model_proto()
     rows, kept = [], []
     for index, (entry, weight) in enumerate(zip(entries, weights)):
         docs = sources_lib.documents(
@@ -130,7 +126,7 @@ def make_dataset(split, data_config, tokenizer, local_batch_size, *, process_ind
             process_index=process_index, process_count=process_count)
         if docs is None or weight == 0:
             continue
-        token_docs = tokenize(docs, model_proto)
+        token_docs = tokenize(docs, tokenizer)
         if repeat:  # after the blank-document filter: an all-blank source ends instead of spinning
             token_docs = token_docs.repeat()
         packed = pack(token_docs, data_config.seq_len)
@@ -155,7 +151,11 @@ def make_dataset(split, data_config, tokenizer, local_batch_size, *, process_ind
 
     ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(local_batch_size, drop_remainder=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    # the one external state is a Hugging Face tokenizer's Python call, a pure function: the
+    # iterator checkpoint need not (and cannot) save it
+    options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 class DataIterator:

@@ -1,12 +1,16 @@
-"""SentencePiece BPE with the LLaMA settings, trained on the corpus on first use and cached.
+"""Tokenizers behind one interface: a SentencePiece model (tokenizer.model: LLaMA 1/2, and the
+BPE this module trains) or a Hugging Face tokenizer.json (Llama 3's byte-level BPE).
 
-LLaMA options: BPE, digits split into single digits, unknown UTF-8 falls back to bytes;
-ids 0/1/2 are unk/bos/eos and there is no pad piece (padding uses segment id 0 instead).
-As a program, trains one on a config's data mixture, or encodes/decodes text to inspect it:
+Trained SentencePiece, LLaMA options: BPE, digits split into single digits, unknown UTF-8 falls
+back to bytes; ids 0/1/2 are unk/bos/eos and there is no pad piece (padding uses segment id 0).
+load_tokenizer picks the kind by file name; both answer encode, decode, pieces, vocab_size,
+bos_id, eos_id and graph_encoder (the data pipeline's in-graph tokenization). As a program,
+trains a SentencePiece model on a config's data mixture, or encodes/decodes text with either:
 
   python -m llama_jax.data.tokenizer train --config=configs/tiny.py --output=runs/tok/tokenizer.model
   python -m llama_jax.data.tokenizer encode --model=runs/tok/tokenizer.model "x = 2024"
   python -m llama_jax.data.tokenizer decode --model=runs/tok/tokenizer.model 1 87 3 2
+  python -m llama_jax.data.tokenizer encode --model=Llama-3.1-8B/tokenizer.json "x = 2024"
 """
 
 import io
@@ -14,15 +18,142 @@ import json
 import os
 import pathlib
 import random
+import shutil
 import time
 
 import jax
+import numpy as np
 import sentencepiece as spm
 from absl import app, flags
 
-from llama_jax import distributed
+from llama_jax import distributed, quiet
 
-BOS_ID, EOS_ID = 1, 2
+BOS_ID, EOS_ID = 1, 2  # of the SentencePiece models train_on_texts writes
+FILE_NAMES = ("tokenizer.model", "tokenizer.json")  # in a workdir or model dir; first found wins
+# special tokens of a tokenizer.json without a tokenizer_config.json beside it
+HF_BOS_EOS = (("<|begin_of_text|>", "<|end_of_text|>"), ("<s>", "</s>"))
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece .model (LLaMA 1/2's, or one train_on_texts wrote)."""
+
+    def __init__(self, path):
+        self.path = pathlib.Path(path)
+        self.processor = spm.SentencePieceProcessor(model_file=str(path))
+
+    def vocab_size(self):
+        return self.processor.vocab_size()
+
+    def bos_id(self):
+        return self.processor.bos_id()
+
+    def eos_id(self):
+        return self.processor.eos_id()
+
+    def encode(self, text):
+        return self.processor.encode(text)
+
+    def decode(self, ids):
+        return self.processor.decode([int(i) for i in ids])
+
+    def pieces(self, text):
+        return self.processor.encode(text, out_type=str)
+
+    def graph_encoder(self):
+        """A tf.data map function: string scalar -> int32 [n] ids with BOS and EOS, a native op."""
+        with quiet.native_notices_filtered():  # the op logs that our identity normaliser is empty
+            import tensorflow as tf
+            import tensorflow_text as tf_text
+            op = tf_text.SentencepieceTokenizer(
+                model=self.processor.serialized_model_proto(), out_type=tf.int32, add_bos=True,
+                add_eos=True)
+        return op.tokenize
+
+
+class HuggingFaceTokenizer:
+    """A tokenizer.json; BOS/EOS come from tokenizer_config.json beside it (as transformers reads
+    them), else from the special tokens Llama releases use. decode drops special tokens, as
+    SentencePiece's does."""
+
+    def __init__(self, path):
+        from tokenizers import Tokenizer
+        self.path = pathlib.Path(path)
+        self.tokenizer = Tokenizer.from_file(str(path))
+        self._bos, self._eos = self._special_ids()
+
+    def _special_ids(self):
+        config = self.path.with_name("tokenizer_config.json")
+        if config.exists():
+            fields = json.loads(config.read_text())
+            named = [fields.get("bos_token"), fields.get("eos_token")]
+            named = [t.get("content") if isinstance(t, dict) else t for t in named]
+            candidates = [tuple(named)]
+        else:
+            candidates = HF_BOS_EOS
+        for bos, eos in candidates:
+            ids = self.tokenizer.token_to_id(bos or ""), self.tokenizer.token_to_id(eos or "")
+            if None not in ids:
+                return ids
+        raise ValueError(f"{self.path} has no BOS/EOS tokens {candidates}: put a "
+                         "tokenizer_config.json naming bos_token and eos_token beside it")
+
+    def vocab_size(self):
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def bos_id(self):
+        return self._bos
+
+    def eos_id(self):
+        return self._eos
+
+    def encode(self, text):
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def pieces(self, text):
+        return self.tokenizer.encode(text, add_special_tokens=False).tokens
+
+    def graph_encoder(self):
+        """A tf.data map function: string scalar -> int32 [n] ids with BOS and EOS. The BPE runs
+        in Python (tokenizers is Rust and has no TensorFlow op); it is deterministic, so the
+        iterator checkpoint may ignore it (the dataset's external-state policy)."""
+        import tensorflow as tf
+        bos, eos = self._bos, self._eos
+
+        def encode(text):
+            return np.asarray([bos] + self.encode(text.decode("utf-8", errors="replace")) +
+                              [eos], np.int32)
+
+        def op(text):
+            ids = tf.numpy_function(encode, [text], tf.int32, stateful=False)
+            return tf.ensure_shape(ids, [None])
+        return op
+
+
+def tokenizer_file(directory) -> pathlib.Path:
+    """A workdir's or model directory's tokenizer (tokenizer.model, else tokenizer.json); the
+    tokenizer.model path when there is neither, for the caller's "missing" message."""
+    for name in FILE_NAMES:
+        if (pathlib.Path(directory) / name).exists():
+            return pathlib.Path(directory) / name
+    return pathlib.Path(directory) / FILE_NAMES[0]
+
+
+def install(path, directory):
+    """Copies a tokenizer into directory under its kind's name (with a tokenizer.json, the
+    tokenizer_config.json beside it that names BOS/EOS); returns the copy's path."""
+    path, directory = pathlib.Path(path), pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    name = FILE_NAMES[1] if path.suffix == ".json" else FILE_NAMES[0]
+    extras = [path.with_name("tokenizer_config.json")] if path.suffix == ".json" else []
+    for source, target in [(path, name)] + [(e, e.name) for e in extras if e.exists()]:
+        if (directory / target).resolve() != source.resolve():
+            tmp = directory / (target + ".tmp")
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, directory / target)  # complete or absent, never half-written
+    return directory / name
 
 
 def source_texts(data_config, sample_lines: int):
@@ -70,38 +201,54 @@ def check_fits(pieces: int, model_vocab_size: int, what: str):
                          "use a smaller tokenizer")
 
 
-def load_tokenizer(path, model_vocab_size: int) -> spm.SentencePieceProcessor:
+def load_tokenizer(path, model_vocab_size: int):
+    """A tokenizer.json (Hugging Face) or SentencePiece .model, checked against the model."""
+    path = pathlib.Path(path)
+    kind = HuggingFaceTokenizer if path.suffix == ".json" else SentencePieceTokenizer
     try:
-        sp = spm.SentencePieceProcessor(model_file=str(path))
-    except (OSError, RuntimeError) as e:
-        raise ValueError(f"tokenizer {path} cannot be read ({e}): delete it to train a new one "
-                         "(a new tokenizer needs a new --workdir)") from e
-    check_fits(sp.vocab_size(), model_vocab_size, f"tokenizer {path}")
-    return sp
+        tokenizer = kind(path)
+    except ValueError:
+        raise  # it already says the fix (a tokenizer.json without BOS/EOS)
+    except Exception as e:  # sentencepiece raises OSError/RuntimeError, tokenizers Exception
+        raise ValueError(f"tokenizer {path} cannot be read ({e}): give a SentencePiece .model "
+                         "or a Hugging Face tokenizer.json (delete a cached one to train a new "
+                         "one, with a new --workdir)") from e
+    check_fits(tokenizer.vocab_size(), model_vocab_size, f"tokenizer {path}")
+    return tokenizer
 
 
 def shared_tokenizer(workdir, data_config, model_vocab_size: int):
-    """get_tokenizer for every process of a job: process 0 trains the tokenizer of a fresh
-    workdir while the others wait, then all read it."""
+    """get_tokenizer for every process of a job: process 0 puts the tokenizer into a fresh
+    workdir (trained, or copied from data.tokenizer_path) while the others wait, then all read
+    it."""
     workdir = pathlib.Path(workdir)
-    if jax.process_count() > 1 and not data_config.tokenizer_path:
+    if jax.process_count() > 1:
         if jax.process_index() == 0:
             get_tokenizer(workdir, data_config, model_vocab_size)
         distributed.barrier("tokenizer")
-        if not (workdir / "tokenizer.model").exists():
-            raise OSError(f"process {jax.process_index()} cannot see {workdir}/tokenizer.model "
+        if not tokenizer_file(workdir).exists():
+            raise OSError(f"process {jax.process_index()} cannot see the tokenizer in {workdir} "
                           "that process 0 wrote: --workdir must be a directory every process "
-                          "shares (a bucket mount, NFS), or set data.tokenizer_path")
+                          "shares (a bucket mount, NFS)")
     return get_tokenizer(workdir, data_config, model_vocab_size)
 
 
-def get_tokenizer(workdir, data_config, model_vocab_size: int) -> spm.SentencePieceProcessor:
-    """data.tokenizer_path if set, else the workdir's cached tokenizer, trained on the train
-    split of data.sources if absent."""
+def get_tokenizer(workdir, data_config, model_vocab_size: int):
+    """The workdir's tokenizer: data.tokenizer_path copied in (a SentencePiece .model or a
+    tokenizer.json) if set, else the cached one, trained on the train split of data.sources if
+    absent. The workdir keeps it, so generate and evaluate find the tokenizer it trained with."""
     check_fits(data_config.tokenizer_vocab_size, model_vocab_size, "data.tokenizer_vocab_size")
+    workdir = pathlib.Path(workdir)
     if data_config.tokenizer_path:
-        return load_tokenizer(data_config.tokenizer_path, model_vocab_size)
-    path = pathlib.Path(workdir) / "tokenizer.model"
+        given = load_tokenizer(data_config.tokenizer_path, model_vocab_size)
+        cached = tokenizer_file(workdir)
+        if not cached.exists():
+            return load_tokenizer(install(given.path, workdir), model_vocab_size)
+        if cached.read_bytes() != given.path.read_bytes():
+            raise ValueError(f"{cached} differs from data.tokenizer_path={given.path}: a workdir "
+                             "keeps the tokenizer it started with; use a new --workdir")
+        return load_tokenizer(cached, model_vocab_size)
+    path = tokenizer_file(workdir)
     if not path.exists():
         texts = source_texts(data_config, data_config.tokenizer_sample_lines)
         train_on_texts(texts, data_config.tokenizer_vocab_size, path,
@@ -114,7 +261,7 @@ def define_flags():
     from ml_collections import config_flags
     config_flags.DEFINE_config_file("config", None, "configs/*.py whose data.sources to train on.")
     flags.DEFINE_string("output", None, "train: where to write the .model file.")
-    flags.DEFINE_string("model", None, "encode/decode: a trained .model file.")
+    flags.DEFINE_string("model", None, "encode/decode: a .model file or a tokenizer.json.")
 
 
 def main(argv):
@@ -140,7 +287,7 @@ def main(argv):
     sp = load_tokenizer(flag.model, model_vocab_size=2**31)
     if command == "encode":
         text = " ".join(args)
-        print(json.dumps({"ids": sp.encode(text), "pieces": sp.encode(text, out_type=str)}))
+        print(json.dumps({"ids": sp.encode(text), "pieces": sp.pieces(text)}))
     else:
         try:
             ids = [int(a) for a in args]

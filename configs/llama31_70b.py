@@ -1,0 +1,27 @@
+"""Llama-3.1-70B (meta-llama/Llama-3.1-70B, its config.json): dim 8192, 64 heads / 8 kv heads, 80
+layers, ffn 28672, vocab 128256 (byte-level BPE, tokenizer.json), RoPE theta 500,000 with
+"llama3" frequency scaling (factor 8, low/high frequency factors 1/4, original context 8192) to
+a 131,072 context, RMSNorm eps 1e-5; 70,553,706,496 parameters.
+
+Meta published no pretraining schedule at this size, so the training section is for continued
+pretraining: 4M-token batches of 8192-token rows, lr 3e-5 (a tenth of Llama 2's peak), 200 warmup
+steps, cosine to 10% over 10B tokens. From the released weights (docs/configs.md):
+  python -m llama_jax.convert --from=hf --src=Llama-3.1-70B --dst=runs/llama31_70b_base
+  python -m llama_jax.train --config=configs/llama31_70b.py --workdir=runs/llama31_70b \
+      --config.init_from=runs/llama31_70b_base \
+      --config.data.tokenizer_path=runs/llama31_70b_base/tokenizer.json
+"""
+
+from llama_jax.config import base_config
+
+
+def get_config():
+    c = base_config(dim=8192, n_heads=64, n_kv_heads=8, n_layers=80,
+                    ffn_dim=28672, vocab_size=128256,
+                    norm_eps=1e-5, rope_theta=500000.0, rope_scaling="llama3",
+                    rope_scaling_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                    rope_original_max_seq_len=8192, max_seq_len=131072)
+    c.data.seq_len = 8192
+    c.data.global_batch_size = 512  # x 8192 = 4M tokens a step
+    c.train.update(lr=3e-5, warmup_steps=200, steps=2384)  # 10B tokens / 4M tokens a step
+    return c
