@@ -150,8 +150,9 @@ def fsdp_minimum_bytes(cfg, mesh_shape, microbatches=1):
     reduce-scatters 7B's gradients in bfloat16, then converts the shard).
 
     Of these only a gradient sum over the s slices need cross the data-center network:
-    "dcn_bytes" = 2 (N/(n data)) (s-1)/s, each device's part of its shard once the data
-    replicas within its slice have split it (0 for one slice).
+    "dcn_bytes" = 2 (4 N/(n data)) (s-1)/s, each device's part of its shard once the data
+    replicas within its slice have split it, in float32: each slice accumulates its gradient
+    in float32 (train_step.by_slice) and the slices sum that (0 for one slice).
     """
     fsdp, data = mesh_shape.get("fsdp", 1), mesh_shape.get("data", 1)
     slices = mesh_shape.get("slices", 1)
@@ -164,7 +165,7 @@ def fsdp_minimum_bytes(cfg, mesh_shape, microbatches=1):
              "all-reduce": 2 * size / fsdp * (replicas - 1) / replicas}
     moved = {kind: round(b) for kind, b in moved.items() if b}
     return {"bytes": moved, "total_bytes": sum(moved.values()),
-            "dcn_bytes": round(2 * size / (fsdp * data) * (slices - 1) / slices)}
+            "dcn_bytes": round(2 * 4 * params / (fsdp * data) * (slices - 1) / slices)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -299,8 +299,8 @@ class Llama(nn.Module):
         # the batch's layout to the table's, which GSPMD does by gathering the whole batch's
         # [B, T, D] on every device once the batch is also split over data or slices (and
         # XLA:CPU's partitioner aborts on it inside train_step.by_slice with a tensor axis)
-        embed = constrain(embed.astype(DTYPES[cfg.dtype]), ("vocab", None))
-        x = constrain(jnp.take(embed, tokens, axis=0), HIDDEN)
+        table = constrain(embed.astype(DTYPES[cfg.dtype]), ("vocab", None))
+        x = constrain(jnp.take(table, tokens, axis=0), HIDDEN)
 
         block = Block if cfg.remat == "none" else nn.remat(
             Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
