@@ -30,7 +30,7 @@ def define_flags():
     flags.DEFINE_string("tokenizer", None, "prepare: the .model file (default "
                         "data.tokenizer_path).")
     flags.DEFINE_list("sources", [], "prepare: only these source names (default all).")
-    flags.DEFINE_integer("workers", 2, "prepare: tokenizing worker processes.")
+    flags.DEFINE_integer("workers", 2, "prepare: tokenizing worker processes (0: in this one).")
 
 
 def measure(batches_iter, names, batches, warmup=5):

@@ -4,6 +4,7 @@ or a TFDS split). The plan of units is saved first, so a killed prepare reruns o
 whose shard never got its .json.
 """
 
+import contextlib
 import gzip
 import io
 import itertools
@@ -11,6 +12,7 @@ import json
 import multiprocessing
 import os
 import time
+import types
 
 import numpy as np
 
@@ -58,9 +60,28 @@ def tfds_parts(split_name):
     return [str(part) for part in tfds.even_splits(split_name, n=TFDS_UNITS)]
 
 
+class _GFileStream(io.RawIOBase):
+    """A tf.io.gfile file (gs:// too) as the io stream gzip, zstandard and TextIOWrapper read."""
+
+    def __init__(self, path):
+        self._file = tf.io.gfile.GFile(path, "rb")
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        data = self._file.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self):
+        self._file.close()
+        super().close()
+
+
 def _open_bytes(path):
     """A binary stream of the file's contents, .gz and .zst decompressed on the fly."""
-    raw = tf.io.gfile.GFile(path, "rb")
+    raw = io.BufferedReader(_GFileStream(path), 2**20)
     if path.endswith(".gz"):
         return gzip.GzipFile(fileobj=raw)
     if path.endswith(".zst"):
@@ -201,10 +222,14 @@ def prepare_split(pool, entry, split, directory, tokenizer, validation_fraction)
 
 def prepare(entries, output, tokenizer, workers, validation_fraction):
     """Prepares each entry into OUTPUT/NAME/{train,validation}; yields one summary a split."""
-    # spawn, not fork: the parent has TensorFlow's threads running
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the workers' TensorFlow start-up
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer[0],)) as pool:
+    if workers == 0:  # in this process: no start-up cost, for small sources
+        _init_worker(tokenizer[0])
+        pool = contextlib.nullcontext(types.SimpleNamespace(imap_unordered=map))
+    else:  # spawn, not fork: the parent has TensorFlow's threads running
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the workers' TensorFlow start-up
+        pool = multiprocessing.get_context("spawn").Pool(
+            workers, initializer=_init_worker, initargs=(tokenizer[0],))
+    with pool as pool:
         for entry in entries:
             for split in ("train", "validation"):
                 directory = f"{output.rstrip('/')}/{entry['name']}/{split}"
