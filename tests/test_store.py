@@ -204,3 +204,88 @@ def test_bad_store_settings_are_one_line_errors(prepared, tmp_path):
     config.data.sources = [dict(name="x", store=str(tmp_path / "missing"))]
     with pytest.raises(store.StoreError, match="manifest.json does not exist: run python -m"):
         store.mixture(config.data, "train", prepared["tokenizer"][0])
+
+
+CONFIG = '''from llama_jax.config import base_config
+
+
+def get_config():
+    c = base_config(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
+                    max_seq_len=32, dtype="float32", remat="none")
+    c.data.sources = {sources!r}
+    c.data.update(tokenizer_path={tokenizer!r}, seq_len=32, global_batch_size=8,
+                  tokenizer_vocab_size=512)
+    c.train.update(steps=10_000, lr=3e-3, warmup_steps=1, log_every=1, eval_every=100_000,
+                   eval_batches=1)
+    c.checkpoint.update(every_steps=4, keep=10)
+    return c
+'''
+
+
+def launch(config, workdir, processes, devices):
+    command = [sys.executable, str(ROOT / "launch" / "local.py"), f"-n={processes}",
+               f"--devices_per_process={devices}", "--grace_s=20", "--", sys.executable, "-m",
+               "llama_jax.train", f"--config={config}", f"--workdir={workdir}"]
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") +
+               " --xla_backend_optimization_level=0")  # compile time would outweigh the steps
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=open(f"{workdir}.log", "w"),
+                            stderr=subprocess.STDOUT)
+
+
+def losses(workdir):
+    if not (workdir / "metrics.jsonl").exists():
+        return {0: None}
+    return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r} or {0: None}
+
+
+def committed(workdir):
+    root = workdir / "checkpoints"
+    return max([int(p.name) for p in root.iterdir() if p.name.isdigit()] if root.exists()
+               else [], default=0)
+
+
+def run_until(job, workdir, done, stop=signal.SIGTERM):
+    deadline = time.time() + 240
+    while time.time() < deadline and job.poll() is None and not done():
+        time.sleep(0.05)
+    log = open(f"{workdir}.log").read()
+    if stop == signal.SIGKILL:  # every process of the job dies at once, as on a lost slice
+        for pid in re.findall(r"\[launch\] process \d+ pid (\d+)", log):
+            os.kill(int(pid), signal.SIGKILL)
+    else:
+        job.send_signal(stop)
+    job.wait(timeout=120)
+    return open(f"{workdir}.log").read()
+
+
+@pytest.fixture(scope="module")
+def killed(prepared):
+    root = prepared["root"]
+    config = root / "store_run.py"
+    config.write_text(CONFIG.format(
+        sources=[dict(name=n, weight=w, store=str(root / "stores" / n)) for n, w in
+                 WEIGHTS.items()], tokenizer=str(root / "tokenizer.model")))
+    # A: 2 processes x 2 devices, killed -9 between two checkpoints; beside it (the two cores
+    # overlap their start-ups) R: 1 process x 4 devices, uninterrupted
+    a, r = root / "a", root / "r"
+    job_r = launch(config, r, 1, 4)
+    log_a = run_until(launch(config, a, 2, 2), a, lambda: committed(a) >= 4 and max(
+        losses(a)) > committed(a) + 1, signal.SIGKILL)
+    saved, before = committed(a), losses(a)
+    last = saved + 4
+    run_until(job_r, r, lambda: max(losses(r)) >= last)
+    # B: A's workdir resumed by 1 process x 4 devices
+    log_b = run_until(launch(config, a, 1, 4), a, lambda: max(losses(a)) >= last)
+    return {"saved": saved, "a": before, "log_a": log_a, "b": losses(a), "log_b": log_b,
+            "r": losses(r), "last": last, "workdir": a}
+
+
+def test_kill_9_of_2_processes_resumed_on_1_gives_bit_identical_losses(killed):
+    saved, last = killed["saved"], killed["last"]
+    assert max(killed["a"]) > saved, "killed after its last checkpoint's step"
+    assert f"resumed from step {saved}" in killed["log_b"], killed["log_b"][-2000:]
+    assert not (killed["workdir"] / "data_state").exists()  # a store run saves no data state
+    later = range(saved + 1, last + 1)
+    assert [killed["b"][s] for s in later] == [killed["r"][s] for s in later]
+    redone = [s for s in killed["a"] if s > saved]  # steps A took, lost, and B took again
+    assert [killed["a"][s] for s in redone] == [killed["r"][s] for s in redone]
