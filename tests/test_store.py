@@ -289,3 +289,15 @@ def test_kill_9_of_2_processes_resumed_on_1_gives_bit_identical_losses(killed):
     assert [killed["b"][s] for s in later] == [killed["r"][s] for s in later]
     redone = [s for s in killed["a"] if s > saved]  # steps A took, lost, and B took again
     assert [killed["a"][s] for s in redone] == [killed["r"][s] for s in redone]
+
+
+def test_the_llama_mixture_has_a_store_variant():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("mixture", ROOT / "configs/data_llama_mixture.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    raw, stored = module.get_config(), module.get_config("store")
+    assert [(e["name"], e["weight"]) for e in raw.data.sources] == \
+        [(e["name"], e["weight"]) for e in stored.data.sources]
+    assert stored.data.sources[0]["store"] == "gs://BUCKET/llama_data/stores/commoncrawl"
+    assert store.store_run(stored.data) and not store.store_run(raw.data)
