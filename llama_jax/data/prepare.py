@@ -43,7 +43,9 @@ def plan_units(entry, split, validation_fraction):
                 for i in range(0, count, PROSE_DOCS_PER_UNIT)]
     if kind == "tfds":
         name = entry.get("split", "train") if split == "train" else entry.get("eval_split")
-        return [] if name is None else [{"tfds": part} for part in tfds_parts(name)]
+        # the worker rebuilds part i of tfds.even_splits (its objects are not JSON)
+        return [] if name is None else [{"tfds": name, "part": [i, TFDS_UNITS]}
+                                        for i in range(TFDS_UNITS)]
     pattern = entry["files"] if split == "train" else entry.get("eval_files")
     if pattern is None:
         return []
@@ -53,11 +55,6 @@ def plan_units(entry, split, validation_fraction):
         raise FileNotFoundError(f"source {entry['name']!r}: pattern {patterns} matches no file:"
                                 " fix the path or glob")
     return [{"file": p} for p in paths]
-
-
-def tfds_parts(split_name):
-    import tensorflow_datasets as tfds
-    return [str(part) for part in tfds.even_splits(split_name, n=TFDS_UNITS)]
 
 
 class _GFileStream(io.RawIOBase):
@@ -125,7 +122,9 @@ def unit_documents(entry, unit, texts):
     if "tfds" in unit:
         import tensorflow_datasets as tfds
         builder = tfds.builder(entry["tfds"], data_dir=entry.get("data_dir"))
-        ds = builder.as_dataset(split=unit["tfds"], shuffle_files=False)
+        index, count = unit["part"]
+        part = tfds.even_splits(unit["tfds"], n=count, drop_remainder=False)[index]
+        ds = builder.as_dataset(split=part, shuffle_files=False)
         field = entry.get("field", "text")
         return (ex[field].decode("utf-8", errors="replace") for ex in ds.as_numpy_iterator())
     return file_documents(entry, unit["file"])
