@@ -179,7 +179,10 @@ class Mixture:
         self.counts = block_counts(weights)
         self.template = np.repeat(np.arange(len(stores)), self.counts)
         self._block = functools.lru_cache(maxsize=8)(self._block_uncached)
-        self._epoch = functools.lru_cache(maxsize=4 * len(stores))(self._epoch_uncached)
+        # two epochs per source, each source its own cache: a tiny source going round many
+        # epochs in one batch never evicts a big source's (costly) permutation
+        self._epochs = [functools.lru_cache(maxsize=2)(functools.partial(
+            self._epoch_uncached, source)) for source in range(len(stores))]
 
     def _block_uncached(self, block):
         """(source, its row index k) of each slot of one block."""
@@ -214,7 +217,7 @@ class Mixture:
         offsets, doc_ids = np.empty_like(where), np.empty_like(where)
         for epoch in np.unique(epochs):
             mask = epochs == epoch
-            order, ends = self._epoch(source, int(epoch))
+            order, ends = self._epochs[source](int(epoch))
             j = np.searchsorted(ends, where[mask], side="right")  # index in this epoch's order
             doc = order[j]
             offsets[mask] = store.doc_starts[doc] + where[mask] - (ends[j] - store.lengths[doc])
