@@ -301,3 +301,13 @@ def test_the_llama_mixture_has_a_store_variant():
         [(e["name"], e["weight"]) for e in stored.data.sources]
     assert stored.data.sources[0]["store"] == "gs://BUCKET/llama_data/stores/commoncrawl"
     assert store.store_run(stored.data) and not store.store_run(raw.data)
+
+
+def test_prepare_reads_a_tfds_split_in_parts(prepared, tmp_path):
+    import tensorflow_datasets as tfds
+    entry = dict(name="tf", tfds="llama_jax_stdlib/code", split="train")
+    with tfds.testing.mock_data(num_examples=3):
+        summaries = list(prepare.prepare([entry], str(tmp_path), prepared["tokenizer"], 0, 0.02))
+    assert [(s["split"], s["shards"]) for s in summaries] == [("train", prepare.TFDS_UNITS)]
+    docs = documents(f"{tmp_path}/tf/train")
+    assert docs and all(d[0] == 1 and d[-1] == 2 for d in docs)
