@@ -8,6 +8,14 @@ DATA/tfds, the rest as JSON lines. Train the tokenizer on this mixture once, the
       --config.data.tokenizer_path=gs://BUCKET/llama_mix/tokenizer.model \
       --workdir=gs://BUCKET/llama_mix
 Meant for a TPU v5p-64 slice or 8x8 H100, like configs/llama_7b.py.
+
+The store variant (`:store`) reads the same mixture from token stores that prepare wrote once
+(docs/data.md), so no host tokenizes and a resume on any process count replays the stream:
+  python -m llama_jax.data prepare --config=configs/data_llama_mixture.py \
+      --tokenizer=gs://BUCKET/llama_mix/tokenizer.model --output=gs://BUCKET/llama_data/stores
+  python -m llama_jax.train --config=configs/data_llama_mixture.py:store \
+      --config.data.tokenizer_path=gs://BUCKET/llama_mix/tokenizer.model \
+      --workdir=gs://BUCKET/llama_mix
 """
 
 from llama_jax.config import base_config
@@ -37,9 +45,18 @@ def sources(data=DATA):
     ]
 
 
-def get_config():
+def store_sources(stores=f"{DATA}/stores"):
+    """sources() as prepare's stores (STORES/NAME), with the same weights."""
+    return [dict(name=e["name"], weight=e["weight"], store=f"{stores}/{e['name']}")
+            for e in sources()]
+
+
+def get_config(variant=None):
+    if variant not in (None, "store"):
+        raise ValueError(f"configs/data_llama_mixture.py:{variant} is unknown: use :store or "
+                         "nothing")
     c = base_config(dim=4096, n_heads=32, n_layers=32)
-    c.data.sources = sources()
+    c.data.sources = store_sources() if variant == "store" else sources()
     c.train.lr = 0.0003
     c.train.steps = 238418  # 1.0T tokens / (2048 x 2048 tokens a step)
     return c

@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 from llama_jax import checkpoint, distributed, sharding, train_step
 from llama_jax.config import model_config, profile_range
-from llama_jax.data import pipeline, tokenizer as tokenizer_lib
+from llama_jax.data import pipeline, store, tokenizer as tokenizer_lib
 from llama_jax.metrics import MetricsWriter, Throughput, truncate_metrics
 
 
@@ -75,10 +75,13 @@ def start_state(step, config, ckpt, meta, train_data, tokenizer):
                                                                    step.abstract))
         return state, train_data
     saved_shards = ckpt.check_compatible(latest, step.abstract.params, meta)["data_shards"]
-    if saved_shards != meta["data_shards"]:  # no saved iterator state fits these shards
+    if train_data is None:  # a token store: the checkpoint's step is the data position
+        state = ckpt.restore(latest, step.abstract)
+    elif saved_shards != meta["data_shards"]:  # no saved iterator state fits these shards
         train_data = pipeline.restarted_stream(config.data, tokenizer, saved_shards, latest)
-    state = ckpt.restore(latest, step.abstract,
-                         train_data if saved_shards == meta["data_shards"] else None)
+        state = ckpt.restore(latest, step.abstract)
+    else:
+        state = ckpt.restore(latest, step.abstract, train_data)
     if jax.process_index() == 0:
         truncate_metrics(ckpt.workdir / "metrics.jsonl", latest)
     logging.info("resumed from step %d in %s", latest, ckpt.mngr.directory)
@@ -101,9 +104,13 @@ def train(config, workdir):
 
     # Phase 2: tokenizer and data, each process reading its own data shards.
     tokenizer = tokenizer_lib.shared_tokenizer(workdir, data, step.cfg.vocab_size)
-    # an iterator (not the dataset) so its position can be saved and restored with checkpoints
-    train_data = pipeline.ShardedIterator(pipeline.process_datasets("train", data, tokenizer))
-    eval_data = pipeline.concat_shards(pipeline.process_datasets("validation", data, tokenizer))
+    if store.store_run(data):  # batches are a function of the step: made once it is known
+        train_data = None
+        eval_data = store.eval_batches(data, tokenizer, sharding.batch_sharding(step.mesh))
+    else:  # an iterator (not the dataset) so its position can be saved with checkpoints
+        train_data = pipeline.ShardedIterator(pipeline.process_datasets("train", data, tokenizer))
+        eval_data = pipeline.concat_shards(pipeline.process_datasets("validation", data,
+                                                                     tokenizer))
 
     # Phase 3: restore the latest checkpoint, or init (from scratch or another run's params).
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep,
@@ -113,6 +120,9 @@ def train(config, workdir):
                                                    jax.process_count())[1],
             "tokenizer": checkpoint.fingerprint(tokenizer.path)}
     state, train_data = start_state(step, config, ckpt, meta, train_data, tokenizer)
+    if train_data is None:
+        train_data = store.train_batches(data, tokenizer, sharding.batch_sharding(step.mesh),
+                                         int(state.step) + 1)
 
     # Phase 4: the loop.
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0, total_steps=tc.steps,
@@ -137,6 +147,8 @@ class Run:
     def __init__(self, step, config, ckpt, meta, writer, train_data, eval_data, first_step):
         self.step, self.config, self.ckpt, self.meta = step, config, ckpt, meta
         self.writer, self.train_data, self.eval_data = writer, train_data, eval_data
+        # what a checkpoint saves of the data: nothing for a store (its step is its position)
+        self.data_state = None if isinstance(train_data, store.Batches) else train_data
         self.summary = {"first_step": first_step, "steps": first_step, "eval_loss": []}
 
     def evaluate(self, n, params):
@@ -189,10 +201,10 @@ class Run:
                 self.evaluate(n, state.params)
                 throughput.reset()  # evaluation time is not training throughput
             if n % config.checkpoint.every_steps == 0 or n == tc.steps:
-                ckpt.save(n, state, self.meta, self.train_data)
+                ckpt.save(n, state, self.meta, self.data_state)
             if _preempted(n, sigterm):
                 if ckpt.latest_step() != n:
-                    ckpt.save(n, state, self.meta, self.train_data)
+                    ckpt.save(n, state, self.meta, self.data_state)
                 ckpt.wait()
                 raise Preempted(f"preempted at step {n}: checkpoint saved in "
                                 f"{ckpt.mngr.directory}; rerun the same command to resume")

@@ -256,7 +256,7 @@ def test_tfds_source_reads_the_text_field(sp):
 @pytest.mark.parametrize("entries, message", [
     ([dict(name="a", weight=-1, builtin="code")], "source 'a' has weight -1.0 < 0"),
     ([dict(name="a", weight=0, builtin="code")], "weights are all zero"),
-    ([dict(name="a", builtin="code", files="x")], "exactly one of builtin=, files= or tfds="),
+    ([dict(name="a", builtin="code", files="x")], "exactly one of builtin=, files=, tfds= or store="),
     ([dict(name="a", builtin="code", feild="x")], r"unknown keys \['feild'\]"),
     ([dict(name="a", builtin="poems")], "builtin='poems' is unknown"),
     ([dict(name="a", files="x", format="csv")], "format='csv' is unknown"),
@@ -310,7 +310,8 @@ def test_pipeline_stats_report_shares_padding_and_document_length(sp):
     config = mixture_config(code=dict(weight=0.75, builtin="code"),
                             prose=dict(weight=0.25, builtin="prose"))
     dataset = pipeline.make_dataset("train", config.data, sp, 8, with_source=True)
-    stats = measure(dataset, ["code", "prose"], batches=50, bos_id=sp.bos_id(), warmup=1)
+    stats = measure(dataset.as_numpy_iterator(), ["code", "prose"], batches=50,
+                    bos_id=sp.bos_id(), warmup=1)
     # 400 rows are part of one 1,000-row block, so the share is near, not exactly, the weight
     assert abs(stats["token_share"]["code"] - 0.75) < 0.03
     assert abs(sum(stats["token_share"].values()) - 1) < 1e-3

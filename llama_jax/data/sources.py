@@ -21,8 +21,9 @@ KINDS = {
     "builtin": {"builtin"},
     "files": {"files", "format", "field", "eval_files"},
     "tfds": {"tfds", "data_dir", "split", "eval_split", "field"},
+    "store": {"store"},  # a token store written by python -m llama_jax.data prepare
 }
-FORMATS = ("text", "lines", "jsonl")
+FORMATS = ("text", "lines", "jsonl", "parquet")  # parquet (and .zst files): prepare reads them
 
 
 def check_entry(entry) -> str:
@@ -32,7 +33,8 @@ def check_entry(entry) -> str:
         raise ValueError(f"data.sources entry {entry} has no name: add name='...'")
     kinds = [k for k in KINDS if k in entry]
     if len(kinds) != 1:
-        raise ValueError(f"source {name!r} must set exactly one of builtin=, files= or tfds= "
+        raise ValueError(f"source {name!r} must set exactly one of builtin=, files=, tfds= or "
+                         "store= "
                          f"(it sets {kinds or 'none'})")
     unknown = set(entry) - KINDS[kinds[0]] - {"name", "weight"}
     if unknown:
@@ -116,6 +118,9 @@ def _local_files(entry, split, train, seed, process_index, process_count):
                                 "path or glob")
     if all(tf.io.gfile.stat(p).length == 0 for p in paths):
         raise ValueError(f"source {name!r} has zero documents: its files {patterns} are empty")
+    if entry.get("format") == "parquet" or any(p.endswith(".zst") for p in paths):
+        raise ValueError(f"source {name!r}: Parquet and .zst files are read by prepare only: "
+                         "run python -m llama_jax.data prepare and train on its store=")
     gzipped = [p.endswith(".gz") for p in paths]
     if any(gzipped) and not all(gzipped):
         raise ValueError(f"source {name!r} mixes .gz and plain files: give each its own source")
@@ -175,6 +180,9 @@ def documents(entry, split, *, train, seed, validation_fraction, process_index, 
     """tf.data.Dataset of document strings for one source entry, or None when the entry has no
     data for the validation split."""
     kind = check_entry(entry)
+    if kind == "store":
+        raise ValueError(f"source {entry['name']!r} is a token store, not documents: set "
+                         "data.tokenizer_path to the tokenizer it was prepared with")
     if kind == "files":
         return _local_files(entry, split, train, seed, process_index, process_count)
     if kind == "tfds":

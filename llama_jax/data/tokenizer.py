@@ -59,6 +59,10 @@ class SentencePieceTokenizer:
     def pieces(self, text):
         return self.processor.encode(text, out_type=str)
 
+    def encode_documents(self, texts):
+        """Each text's ids with BOS and EOS, a batch at a time (the token store's prepare)."""
+        return self.processor.encode(list(texts), add_bos=True, add_eos=True)
+
     def graph_encoder(self):
         """A tf.data map function: string scalar -> int32 [n] ids with BOS and EOS, a native op."""
         with quiet.native_notices_filtered():  # the op logs that our identity normaliser is empty
@@ -114,6 +118,11 @@ class HuggingFaceTokenizer:
 
     def pieces(self, text):
         return self.tokenizer.encode(text, add_special_tokens=False).tokens
+
+    def encode_documents(self, texts):
+        """Each text's ids with BOS and EOS, a batch at a time (the token store's prepare)."""
+        return [[self._bos] + e.ids + [self._eos] for e in
+                self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
     def graph_encoder(self):
         """A tf.data map function: string scalar -> int32 [n] ids with BOS and EOS. The BPE runs
