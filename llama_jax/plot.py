@@ -119,11 +119,11 @@ def goodput_figure(workdirs):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 1.5 + 0.6 * len(runs)), dpi=100)
     names = labels(workdirs)
+    lefts = [0.0] * len(runs)
     for index, part in enumerate(goodput.PARTS + ("unaccounted",)):
-        widths = [max(run[part + "_s"], 0.0) for run in runs]
-        lefts = [sum(max(run[p + "_s"], 0.0) for p in (goodput.PARTS + ("unaccounted",))[:index])
-                 for run in runs]
+        widths = [max(run[part + "_s"], 0.0) for run in runs]  # a rounding -0.1 s draws nothing
         ax.barh(names, widths, left=lefts, color=f"C{index}", label=part.replace("_", " "))
+        lefts = [left + width for left, width in zip(lefts, widths)]
     ax.set_xlabel("wall time (s), all sessions")
     ax.set_title("goodput: " + ", ".join(f"{n} {100 * r['goodput']:.0f}%"
                                          for n, r in zip(names, runs)))

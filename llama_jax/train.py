@@ -162,6 +162,8 @@ class Run:
         # the spike detector's window is part of each checkpoint, so a resume sees the same
         self.detector = spikes.Detector(config.train.spike_factor, config.train.spike_window,
                                         loss_window)
+        # step -> the detector's window saved with that checkpoint (what a rewind restores)
+        self.saved_windows = {first_step: list(loss_window)}
         self.summary = {"first_step": first_step, "steps": first_step, "eval_loss": []}
 
     def evaluate(self, n, params):
@@ -192,8 +194,9 @@ class Run:
             sharding.batch_sharding(self.step.mesh))
 
     def save(self, n, state):
+        self.saved_windows[n] = self.detector.state()
         with self.clock.timed("checkpoint_save"):
-            self.ckpt.save(n, state, {**self.meta, "loss_window": self.detector.state()},
+            self.ckpt.save(n, state, {**self.meta, "loss_window": self.saved_windows[n]},
                            self.train_data)
 
     def rewind(self, n, loss, done):
@@ -216,8 +219,7 @@ class Run:
         self.clock.rewound(n - back, done[n] - done[back])
         with self.clock.timed("checkpoint_restore"):
             state = self.ckpt.restore(back, self.step.abstract, self.train_data)
-            self.detector = spikes.Detector(tc.spike_factor, tc.spike_window,
-                                            self.ckpt.read_meta(back).get("loss_window", ()))
+        self.detector = spikes.Detector(tc.spike_factor, tc.spike_window, self.saved_windows[back])
         if jax.process_index() == 0:
             truncate_metrics(self.ckpt.workdir / "metrics.jsonl", back)
         self.writer.write(back, {"spike_step": n, "spike_loss": loss,

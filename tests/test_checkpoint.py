@@ -17,7 +17,7 @@ import helpers
 import pytest
 
 from helpers import ROOT, micro_config, random_batch
-from llama_jax import checkpoint, convert, sharding, train_step
+from llama_jax import checkpoint, convert, goodput, sharding, train_step
 from llama_jax.config import model_config
 from llama_jax.data import corpus
 from llama_jax.model import ModelConfig
@@ -246,6 +246,8 @@ ROWS = [
                                             w / "tokenizer.model", 5000),
      "trained with tokenizer"),
     ("workdir is a file", "file", "is a file: pass a directory path"),
+    ("train.steps below the latest checkpoint", lambda c, w: _set(c, "train.steps", 2),
+     "is step 4, past train.steps=2: raise train.steps to train on, or use a new --workdir"),
 ]
 
 
@@ -339,3 +341,11 @@ def test_kill_9_then_rerun_gives_bit_identical_losses_with_a_3_source_mixture(tm
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert sorted(a) == sorted(b) == list(range(1, 41))
     assert a == b  # bit-identical floats, including every step after the resume
+
+    # goodput: the killed session's steps past the checkpoint were computed twice; its ledger
+    # is rewritten at every log step (here every step), after the metrics line
+    totals = goodput.read(tmp_path / "b")
+    assert totals["sessions"] == 2
+    assert killed_at - last_saved - 1 <= totals["lost_steps"] <= killed_at - last_saved
+    assert (totals["restart_lost_s"] > 0) == (totals["lost_steps"] > 0)
+    assert abs(totals["unaccounted_s"]) < 0.05 * totals["wall_s"], totals

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-import jax
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -63,9 +63,12 @@ def test_the_table_covers_every_key():
 @pytest.mark.parametrize("key, value", list(BAD.items()) + MORE,
                          ids=[f"{k}={v!r}" for k, v in list(BAD.items()) + MORE])
 def test_a_bad_value_is_one_line_naming_key_value_and_range(key, value, tmp_path):
-    config = micro_config()
+    # built from a dict, as a config file may: ConfigDict's own type check (a str for a bool,
+    # a float for an int) would otherwise refuse some of these values before train sees them
+    fields = micro_config().to_dict()
     section, _, name = key.rpartition(".")
-    (config[section] if section else config)[name] = value
+    (fields[section] if section else fields)[name] = value
+    config = ml_collections.ConfigDict(fields)
     workdir = tmp_path / "run"
     with pytest.raises(ValueError) as raised:
         train(config, workdir)  # checked before the mesh, the model, the tokenizer, the workdir
@@ -156,3 +159,12 @@ def test_entry_points_print_one_line_and_write_nothing(tmp_path):
         assert done.stderr.strip().splitlines()[-1].startswith(line), done.stderr[-2000:]
         assert "Traceback" not in done.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_docs_list_every_range_as_the_code_has_it():
+    docs = (ROOT / "docs" / "configs.md").read_text()
+    rows = [f"| `{k}` | {c.range} | {c.fix} |" for table in (ranges.CONFIG, ranges.SOURCE)
+            for k, c in table.items()]
+    rows += [f"| {tool} `--{k}` | {c.range} | {c.fix} |" for tool, f in ranges.FLAGS.items()
+             for k, c in f.items()]
+    assert [r for r in rows if r not in docs] == []
