@@ -137,7 +137,9 @@ def main(argv):
         raise app.UsageError("usage: python -m llama_jax.plot --workdir=DIR [--workdir=DIR2 ...] "
                              "--out=loss.png [--goodput]")
     try:
-        ranges.check_flags("plot", {"workdir": flags.FLAGS.workdir, "out": flags.FLAGS.out})
+        for workdir in flags.FLAGS.workdir:
+            ranges.check_flags("plot", {"workdir": workdir})
+        ranges.check_flags("plot", {"out": flags.FLAGS.out})
         figure = goodput_figure if flags.FLAGS.goodput else loss_figure
         fig = figure(flags.FLAGS.workdir)
         fig.savefig(flags.FLAGS.out)

@@ -182,9 +182,9 @@ FLAGS = {
     "local": {"num_processes": ints(1), "devices_per_process": ints(1),
               "grace_s": reals(0, fix="seconds from SIGTERM to SIGKILL")},
     "plot": {
-        "workdir": Check(lambda ws: bool(ws) and all(
-            pathlib.Path(w, "metrics.jsonl").is_file() for w in ws),
-            "training workdirs holding metrics.jsonl", "pass the workdir of a train run"),
+        "workdir": text(lambda w: pathlib.Path(w, "metrics.jsonl").is_file(),
+                        "a directory holding metrics.jsonl",
+                        "pass the workdir of a llama_jax.train run (repeat for several)"),
         "out": text(lambda x: pathlib.Path(x).suffix in (".png", ".pdf", ".svg") and
                     pathlib.Path(x).absolute().parent.is_dir(),
                     "a .png, .pdf or .svg path in an existing directory"),

@@ -48,7 +48,7 @@ FLAG_BAD = {("generate", "temperature"): -1.0, ("generate", "top_p"): 2.0,
             ("generate", "seed"): -3, ("evaluate", "batch_size"): 0, ("evaluate", "seq_len"): -1,
             ("evaluate", "max_batches"): -1, ("bench", "steps"): -1, ("bench", "documents"): -1,
             ("local", "num_processes"): 0, ("local", "devices_per_process"): 0,
-            ("local", "grace_s"): -1.0, ("plot", "workdir"): ["/nonexistent"],
+            ("local", "grace_s"): -1.0, ("plot", "workdir"): "/nonexistent",
             ("plot", "out"): "loss.jpg"}
 
 
