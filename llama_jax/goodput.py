@@ -31,6 +31,10 @@ class Goodput:
     def add(self, part, seconds):
         self.session["parts"][part] += seconds
 
+    def session_seconds(self):
+        """This session's wall time accounted so far (restart_lost is an earlier session's)."""
+        return sum(v for p, v in self.session["parts"].items() if p != "restart_lost")
+
     def timed(self, part):
         return _Timer(self, part)
 
@@ -42,7 +46,7 @@ class Goodput:
         lost = max(previous["last_step"] - step, 0)
         per_step = previous["parts"]["productive"] / max(previous["steps_computed"], 1)
         self.session["lost_steps"] = lost
-        self.add("restart_lost", lost * per_step)
+        self.add("restart_lost", lost * per_step)  # moved out of productive in totals()
 
     def step_done(self, step, seconds, flush=False):
         """Step `step` took `seconds`; the ledger is rewritten when flush (a log step) or

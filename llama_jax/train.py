@@ -124,14 +124,15 @@ def train(config, workdir):
     clock = goodput.Goodput(workdir, enabled=lead, start=start)
     restore_start = time.time()
     state, train_data, saved_meta = start_state(step, config, ckpt, meta, train_data, tokenizer)
-    clock.add("checkpoint_restore", time.time() - restore_start)
+    # a fresh init (its compile included) is start-up; a restore is checkpoint time
+    clock.add("checkpoint_restore" if saved_meta else "startup", time.time() - restore_start)
     clock.resumed(int(state.step))
 
     # Phase 4: the loop.
     writer = MetricsWriter(workdir, enabled=lead, total_steps=tc.steps, config_text=str(config))
     run = Run(step, config, ckpt, meta, writer, train_data, eval_data, int(state.step), clock,
               saved_meta.get("loss_window", ()))
-    clock.add("startup", time.time() - start - sum(clock.session["parts"].values()))
+    clock.add("startup", time.time() - start - clock.session_seconds())
     try:
         with sigterm_flag() as sigterm:
             run.loop(state, sigterm)

@@ -118,6 +118,11 @@ def test_a_resume_from_before_the_spike_repeats_every_loss_and_counts_the_lost_s
     assert totals["sessions"] == 2 and totals["lost_steps"] == STEPS - back
     assert totals["restart_lost_s"] > 0
     assert abs(totals["unaccounted_s"]) < 0.03 * totals["wall_s"], totals
+    for session in json.loads((workdir / "goodput.json").read_text())["sessions"]:
+        parts = session["parts"]  # each session's own time adds up too
+        assert min(parts.values()) >= 0, parts
+        spent = sum(parts.values()) - parts["restart_lost"]  # that part is an earlier session's
+        assert abs(spent - session["wall_s"]) < 0.03 * session["wall_s"], session
     on_disk = goodput.read(workdir)
     assert on_disk["lost_steps"] == STEPS - back
     np.testing.assert_allclose(on_disk["wall_s"], totals["wall_s"], rtol=0.02)
