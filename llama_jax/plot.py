@@ -117,7 +117,7 @@ def goodput_figure(workdirs):
     """One horizontal bar per run: its wall time over all sessions, split into the parts."""
     runs = [goodput.read(w) for w in workdirs]
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(9, 1.5 + 0.6 * len(runs)), dpi=100)
+    fig, ax = plt.subplots(figsize=(9, 2.2 + 0.6 * len(runs)), dpi=100)
     names = labels(workdirs)
     lefts = [0.0] * len(runs)
     for index, part in enumerate(goodput.PARTS + ("unaccounted",)):
@@ -127,7 +127,7 @@ def goodput_figure(workdirs):
     ax.set_xlabel("wall time (s), all sessions")
     ax.set_title("goodput: " + ", ".join(f"{n} {100 * r['goodput']:.0f}%"
                                          for n, r in zip(names, runs)))
-    ax.legend(fontsize="small", ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+    ax.legend(fontsize="small", ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.3))
     fig.tight_layout()
     return fig
 
