@@ -20,6 +20,8 @@ import sys
 import threading
 import time
 
+from llama_jax import ranges
+
 
 def free_port():
     with socket.socket() as s:
@@ -119,8 +121,10 @@ def main(argv=None):
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command: put it after --, e.g. -- python -m llama_jax.train ...")
-    if args.num_processes < 1 or args.devices_per_process < 1:
-        parser.error("-n and --devices_per_process must be at least 1")
+    try:
+        ranges.check_flags("local", {name: getattr(args, name) for name in ranges.FLAGS["local"]})
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     sys.exit(launch(command, args.num_processes, args.devices_per_process, args.grace_s))
 
 

@@ -7,6 +7,7 @@ median step time after compile, compile time, FLOPs, MFU against a stated peak, 
 import json
 import resource
 import statistics
+import sys
 import time
 
 import jax
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from llama_jax import sharding, train_step
+from llama_jax import ranges, sharding, train_step
 from llama_jax.metrics import peak_flops
 
 
@@ -102,13 +103,18 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if flags.FLAGS.config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/cpu_bench.py")
-    if flags.FLAGS.steps < 0:
-        raise app.UsageError("--steps must be 0 (compile only) or more")
-    if not 0 <= flags.FLAGS.documents <= flags.FLAGS.config.data.seq_len:
-        raise app.UsageError("--documents must be 0 (no segment ids) to data.seq_len")
-    print(json.dumps(bench(flags.FLAGS.config, flags.FLAGS.steps, flags.FLAGS.documents)))
+    try:
+        ranges.check_flags("bench", {"steps": flags.FLAGS.steps,
+                                     "documents": flags.FLAGS.documents})
+        if flags.FLAGS.documents > flags.FLAGS.config.data.seq_len:
+            raise ValueError(f"--documents={flags.FLAGS.documents} exceeds data.seq_len="
+                             f"{flags.FLAGS.config.data.seq_len}: use at most one per token")
+        result = bench(flags.FLAGS.config, flags.FLAGS.steps, flags.FLAGS.documents)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    ranges.run_app(app.run, main)

@@ -28,7 +28,7 @@ from absl import app, flags, logging  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from llama_jax import sharding, train_step  # noqa: E402
+from llama_jax import ranges, sharding, train_step  # noqa: E402
 from llama_jax.config import model_config  # noqa: E402
 from llama_jax.hlo import collective_bytes  # noqa: E402
 from llama_jax.metrics import CHIPS, GIB  # noqa: E402
@@ -318,4 +318,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    ranges.run_app(app.run, main)

@@ -7,6 +7,7 @@ import pathlib
 
 import ml_collections
 
+from llama_jax import ranges
 from llama_jax.attention import resolve_attention
 from llama_jax.data import tokenizer
 from llama_jax.model import ModelConfig
@@ -47,13 +48,18 @@ def base_config(**model) -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(
         steps=250_000,  # 1T tokens at 4M tokens a step
         lr=3.0e-4, warmup_steps=2000, final_lr_fraction=0.1,
-        b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0,
+        b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
+        grad_clip=1.0,  # the global-norm bound; 0 = no clipping at all
         loss_chunk_size=0,  # sequence positions per output-projection chunk; 0 = whole sequence
         # gradient accumulation: the global batch is run as this many microbatches, one at a
         # time, then one optimizer update; activation memory is one microbatch's
         microbatches=1,
         seed=0, log_every=10, eval_every=1000, eval_batches=8,
         on_nan="abort",  # or "skip": drop the non-finite update and go on
+        # "rewind": a loss above spike_factor x the mean of the last spike_window steps goes
+        # back to the last checkpoint and skips the batches from there to the spike, plus
+        # spike_skip_batches more (docs/training.md#loss-spikes); "off": no detection
+        on_spike="off", spike_factor=3.0, spike_window=20, spike_skip_batches=0,
     ))
     c.checkpoint = ml_collections.ConfigDict(dict(
         every_steps=1000,  # also saved at the end and on SIGTERM
@@ -94,7 +100,9 @@ def model_config(config, platform=None) -> ModelConfig:
 
 def validate(config, mesh):
     """One-line errors for settings that would otherwise fail deep inside XLA or silently;
-    returns the ModelConfig resolved for the mesh's platform."""
+    returns the ModelConfig resolved for the mesh's platform. Every key's own range is checked
+    first (llama_jax/ranges.py); what follows relates keys to each other and to the mesh."""
+    ranges.check_config(config)
     cfg = model_config(config, mesh.devices.flat[0].platform)
     mesh_sizes = mesh.devices.shape
     data, train = config.data, config.train
@@ -108,10 +116,7 @@ def validate(config, mesh):
         errors.append(f"data.global_batch_size={data.global_batch_size} is not divisible by "
                       f"mesh slices*data*fsdp={shards}: make it a multiple of {shards}")
     micro = train.microbatches
-    if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1:
-        errors.append(f"train.microbatches={micro!r} must be a positive integer (1 = no "
-                      "gradient accumulation)")
-    elif data.global_batch_size % shards == 0 and data.global_batch_size % (micro * shards):
+    if data.global_batch_size % shards == 0 and data.global_batch_size % (micro * shards):
         # each microbatch is split over all slices*data*fsdp devices: it must divide evenly too
         errors.append(f"data.global_batch_size={data.global_batch_size} is not divisible by "
                       f"train.microbatches={micro} x mesh slices*data*fsdp={shards}: make it a "
@@ -124,19 +129,9 @@ def validate(config, mesh):
                              "data.tokenizer_vocab_size")
     except ValueError as e:
         errors.append(str(e))
-    for name in ("steps", "lr"):
-        if train[name] <= 0:
-            errors.append(f"train.{name}={train[name]} must be positive")
     if train.warmup_steps >= train.steps:
         errors.append(f"train.warmup_steps={train.warmup_steps} is not shorter than train.steps="
                       f"{train.steps}: lower warmup_steps")
-    if train.on_nan not in ("abort", "skip"):
-        errors.append(f"train.on_nan={train.on_nan!r} is unknown: use 'abort' or 'skip'")
-    if config.checkpoint.every_steps <= 0 or config.checkpoint.keep <= 0:
-        errors.append("checkpoint.every_steps and checkpoint.keep must be positive")
-    if config.profile.steps and profile_range(config.profile.steps) is None:
-        errors.append(f"profile.steps={config.profile.steps!r} is not START:END with "
-                      "0 <= START < END, e.g. '10:15'")
     if cfg.attention == "splash" and data.seq_len % 128:
         errors.append(f"data.seq_len={data.seq_len} is not a multiple of 128, which splash "
                       "attention's blocks need: pick such a seq_len or model.attention='xla'")
@@ -146,12 +141,3 @@ def validate(config, mesh):
     if errors:
         raise ValueError("; ".join(errors))
     return cfg
-
-
-def profile_range(text):
-    """'10:15' -> (10, 15); anything else -> None."""
-    try:
-        start, end = (int(x) for x in text.split(":"))
-    except ValueError:
-        return None
-    return (start, end) if 0 <= start < end else None

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from llama_jax import checkpoint, train_step
+from llama_jax import checkpoint, ranges, train_step
 from llama_jax.model import Llama
 
 
@@ -168,6 +168,7 @@ def main(argv):
     if len(argv) > 1 or not fl.workdir:
         raise app.UsageError("give --workdir=DIR and no positional arguments")
     try:
+        ranges.check_flags("evaluate", {name: fl[name].value for name in ranges.FLAGS["evaluate"]})
         # without --config: the default data section, i.e. the built-in code corpus
         data = fl.config.data if fl.config else base_config().data
         entries = selected_sources(data, fl.sources)
@@ -189,4 +190,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    ranges.run_app(app.run, main)

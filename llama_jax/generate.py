@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from llama_jax import checkpoint, convert
+from llama_jax import checkpoint, convert, ranges
 from llama_jax.model import Llama, ModelConfig, init_cache, output_matrix
 
 
@@ -142,6 +142,7 @@ def main(argv):
     if (fl.workdir is None) == (fl.hf is None):
         raise app.UsageError("give exactly one of --workdir=DIR or --hf=HF_DIR")
     try:
+        ranges.check_flags("generate", {name: fl[name].value for name in ranges.FLAGS["generate"]})
         cfg, params, tok_path = (convert.load_hf_model(fl.hf) if fl.hf
                                  else checkpoint.load_model(fl.workdir, fl.config))
         tok_path = pathlib.Path(fl.tokenizer or tok_path)
@@ -164,6 +165,11 @@ def main(argv):
             shown[0] = len(text)
 
     sampling = Sampling(fl.temperature, fl.top_k, fl.top_p)
+    longest = max(len(p) for p in prompts)
+    if longest + fl.max_new_tokens > cfg.max_seq_len:  # before anything is placed or compiled
+        sys.exit(f"error: a prompt of {longest} tokens plus --max_new_tokens={fl.max_new_tokens}"
+                 f" exceeds model.max_seq_len={cfg.max_seq_len}: shorten the prompt or lower "
+                 "--max_new_tokens")
     params = checkpoint.place(cfg, params)
     sys.stdout.write(fl.prompt[0] if len(prompts) == 1 else "")
     outs = generate(cfg, params, prompts, fl.max_new_tokens, sampling, fl.seed,
@@ -177,4 +183,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    ranges.run_app(app.run, main)

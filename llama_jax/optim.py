@@ -21,8 +21,10 @@ def weight_decay_mask(params):
 
 def make_optimizer(train_config):
     schedule = learning_rate_schedule(train_config)
+    # grad_clip 0 means no clipping: optax's clip_by_global_norm(0) would zero every gradient
+    clip = train_config.grad_clip
     tx = optax.chain(
-        optax.clip_by_global_norm(train_config.grad_clip),
+        optax.clip_by_global_norm(clip) if clip else optax.identity(),
         optax.adamw(schedule, b1=train_config.b1, b2=train_config.b2, eps=train_config.eps,
                     weight_decay=train_config.weight_decay, mask=weight_decay_mask),
     )

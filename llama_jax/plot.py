@@ -1,7 +1,9 @@
 """Loss curves after a run: train and eval loss against tokens seen, one or several runs on one
-figure, read from each workdir's metrics.jsonl.
+figure, read from each workdir's metrics.jsonl; with --goodput, where each run's wall time went
+(goodput.json), as one stacked bar per run.
 
   python -m llama_jax.plot --workdir=runs/a --workdir=runs/b --out=loss.png
+  python -m llama_jax.plot --goodput --workdir=runs/a --out=goodput.png
 
 matplotlib comes with the package (requirements.txt pins it).
 """
@@ -11,6 +13,7 @@ import sys
 
 from absl import app, flags
 
+from llama_jax import goodput, ranges
 from llama_jax.metrics import read_metrics
 
 INSTALL_HINT = "pip install -r requirements.txt (or: pip install matplotlib==3.11.2)"
@@ -20,6 +23,7 @@ def define_flags():
     """Only when run as a program: llama_jax.scaling imports this module beside train's flags."""
     flags.DEFINE_multi_string("workdir", None, "A training workdir (repeat for several runs).")
     flags.DEFINE_string("out", "loss.png", "The PNG to write.")
+    flags.DEFINE_bool("goodput", False, "Plot each run's wall time by part instead of its loss.")
 
 
 def pyplot():
@@ -109,12 +113,35 @@ def loss_figure(workdirs):
     return fig
 
 
+def goodput_figure(workdirs):
+    """One horizontal bar per run: its wall time over all sessions, split into the parts."""
+    runs = [goodput.read(w) for w in workdirs]
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(9, 2.2 + 0.6 * len(runs)), dpi=100)
+    names = labels(workdirs)
+    lefts = [0.0] * len(runs)
+    for index, part in enumerate(goodput.PARTS + ("unaccounted",)):
+        widths = [max(run[part + "_s"], 0.0) for run in runs]  # a rounding -0.1 s draws nothing
+        ax.barh(names, widths, left=lefts, color=f"C{index}", label=part.replace("_", " "))
+        lefts = [left + width for left, width in zip(lefts, widths)]
+    ax.set_xlabel("wall time (s), all sessions")
+    ax.set_title("goodput: " + ", ".join(f"{n} {100 * r['goodput']:.0f}%"
+                                         for n, r in zip(names, runs)))
+    ax.legend(fontsize="small", ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.3))
+    fig.tight_layout()
+    return fig
+
+
 def main(argv):
     if len(argv) > 1 or not flags.FLAGS.workdir:
         raise app.UsageError("usage: python -m llama_jax.plot --workdir=DIR [--workdir=DIR2 ...] "
-                             "--out=loss.png")
+                             "--out=loss.png [--goodput]")
     try:
-        fig = loss_figure(flags.FLAGS.workdir)
+        for workdir in flags.FLAGS.workdir:
+            ranges.check_flags("plot", {"workdir": workdir})
+        ranges.check_flags("plot", {"out": flags.FLAGS.out})
+        figure = goodput_figure if flags.FLAGS.goodput else loss_figure
+        fig = figure(flags.FLAGS.workdir)
         fig.savefig(flags.FLAGS.out)
     except (ImportError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")

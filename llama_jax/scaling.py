@@ -19,7 +19,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llama_jax import plot
+from llama_jax import plot, ranges
 from llama_jax.config import load_config, model_config
 from llama_jax.data import tokenizer as tokenizer_lib
 from llama_jax.metrics import read_metrics
@@ -210,4 +210,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    ranges.run_app(app.run, main)

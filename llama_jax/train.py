@@ -7,6 +7,7 @@ checkpoint.
 """
 
 import contextlib
+import functools
 import pathlib
 import shutil
 import signal
@@ -18,8 +19,8 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from llama_jax import checkpoint, distributed, sharding, train_step
-from llama_jax.config import model_config, profile_range
+from llama_jax import checkpoint, distributed, goodput, ranges, sharding, spikes, train_step
+from llama_jax.config import model_config
 from llama_jax.data import pipeline, store, tokenizer as tokenizer_lib
 from llama_jax.metrics import MetricsWriter, Throughput, truncate_metrics
 
@@ -63,8 +64,8 @@ def check_workdir(workdir, abstract_state):
 
 
 def start_state(step, config, ckpt, meta, train_data, tokenizer):
-    """(state, train data iterator): the latest checkpoint restored, else a fresh init
-    (optionally with another run's params, config.init_from)."""
+    """(state, train data iterator, the checkpoint's meta or {}): the latest checkpoint
+    restored, else a fresh init (optionally with another run's params, config.init_from)."""
     latest = ckpt.latest_step()
     if ckpt.uncommitted():
         logging.warning("ignoring unfinished checkpoint saves %s", ckpt.uncommitted())
@@ -73,8 +74,14 @@ def start_state(step, config, ckpt, meta, train_data, tokenizer):
         if config.init_from:
             state = state.replace(params=checkpoint.restore_params(config.init_from,
                                                                    step.abstract))
-        return state, train_data
-    saved_shards = ckpt.check_compatible(latest, step.abstract.params, meta)["data_shards"]
+        return state, train_data, {}
+    if latest > config.train.steps:
+        raise checkpoint.CheckpointError(
+            f"the latest checkpoint in {ckpt.mngr.directory} is step {latest}, past "
+            f"train.steps={config.train.steps}: raise train.steps to train on, or use a new "
+            "--workdir")
+    saved_meta = ckpt.check_compatible(latest, step.abstract.params, meta)
+    saved_shards = saved_meta["data_shards"]
     if train_data is None:  # a token store: the checkpoint's step is the data position
         state = ckpt.restore(latest, step.abstract)
     elif saved_shards != meta["data_shards"]:  # no saved iterator state fits these shards
@@ -85,7 +92,7 @@ def start_state(step, config, ckpt, meta, train_data, tokenizer):
     if jax.process_index() == 0:
         truncate_metrics(ckpt.workdir / "metrics.jsonl", latest)
     logging.info("resumed from step %d in %s", latest, ckpt.mngr.directory)
-    return state, train_data
+    return state, train_data, saved_meta
 
 
 def train(config, workdir):
@@ -95,6 +102,8 @@ def train(config, workdir):
     data, tc = config.data, config.train
 
     # Phase 1: mesh, validated settings, model, optimizer, abstract state (no memory used yet).
+    ranges.check_config(config)  # every key in its range before anything is built or written
+    ranges.check_sources(config.data)
     step = train_step.build(config, sharding.make_mesh(config.mesh))
     logging.info("mesh %s over %d devices; model %s, %.1fM parameters", dict(step.mesh.shape),
                  step.mesh.size, step.cfg, step.cfg.num_params() / 1e6)
@@ -119,23 +128,35 @@ def train(config, workdir):
             "data_shards": pipeline.process_shards(data, jax.process_index(),
                                                    jax.process_count())[1],
             "tokenizer": checkpoint.fingerprint(tokenizer.path)}
-    state, train_data = start_state(step, config, ckpt, meta, train_data, tokenizer)
-    if train_data is None:
-        train_data = store.train_batches(data, tokenizer, sharding.batch_sharding(step.mesh),
-                                         int(state.step) + 1)
+    lead = jax.process_index() == 0
+    clock = goodput.Goodput(workdir, enabled=lead, start=start)
+    restore_start = time.time()
+    state, train_data, saved_meta = start_state(step, config, ckpt, meta, train_data, tokenizer)
+    # a fresh init (its compile included) is start-up; a restore is checkpoint time
+    clock.add("checkpoint_restore" if saved_meta else "startup", time.time() - restore_start)
+    clock.resumed(int(state.step))
+    if train_data is None:  # a store: Run.batches reads it from any step's data position
+        train_data = functools.partial(store.train_batches, data, tokenizer,
+                                       sharding.batch_sharding(step.mesh))
 
     # Phase 4: the loop.
-    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0, total_steps=tc.steps,
-                           config_text=str(config))
-    run = Run(step, config, ckpt, meta, writer, train_data, eval_data, int(state.step))
+    writer = MetricsWriter(workdir, enabled=lead, total_steps=tc.steps, config_text=str(config))
+    run = Run(step, config, ckpt, meta, writer, train_data, eval_data, int(state.step), clock,
+              saved_meta.get("loss_window", ()))
+    clock.add("startup", time.time() - start - clock.session_seconds())
     try:
         with sigterm_flag() as sigterm:
             run.loop(state, sigterm)
     finally:
+        with clock.timed("checkpoint_save"):
+            ckpt.close()  # waits for the last async save and raises its error, if any
+        totals = clock.totals()
+        writer.write(run.summary["steps"], {k: v for k, v in totals.items() if k != "sessions"},
+                     prefix="goodput")
         writer.close()
-        ckpt.close()  # waits for the last async save and raises its error, if any
+        clock.write()
         run.summary.update(wall_s=time.time() - start, checkpoint=str(ckpt.mngr.directory),
-                           last_saved=ckpt.latest_step())
+                           last_saved=ckpt.latest_step(), goodput=totals)
         logging.info("%s", describe(run.summary, data.global_batch_size * data.seq_len))
     return run.summary
 
@@ -144,16 +165,25 @@ class Run:
     """The loop of one training session and what it reports: summary holds the steps done,
     the last logged train loss and every evaluation of this session."""
 
-    def __init__(self, step, config, ckpt, meta, writer, train_data, eval_data, first_step):
+    def __init__(self, step, config, ckpt, meta, writer, train_data, eval_data, first_step,
+                 clock, loss_window=()):
         self.step, self.config, self.ckpt, self.meta = step, config, ckpt, meta
         self.writer, self.train_data, self.eval_data = writer, train_data, eval_data
         # what a checkpoint saves of the data: nothing for a store (its step is its position)
-        self.data_state = None if isinstance(train_data, store.Batches) else train_data
+        self.data_state = None if callable(train_data) else train_data
+        self.clock = clock  # goodput: where this session's time goes
+        self.skips = spikes.SkipRecord(ckpt.workdir, enabled=jax.process_index() == 0)
+        # the spike detector's window is part of each checkpoint, so a resume sees the same
+        self.detector = spikes.Detector(config.train.spike_factor, config.train.spike_window,
+                                        loss_window)
+        # step -> the detector's window saved with that checkpoint (what a rewind restores)
+        self.saved_windows = {first_step: list(loss_window)}
         self.summary = {"first_step": first_step, "steps": first_step, "eval_loss": []}
 
     def evaluate(self, n, params):
-        loss = validation_loss(self.step.eval_step, params, self.eval_data, self.step.mesh,
-                               self.config.train.eval_batches)
+        with self.clock.timed("evaluation"):
+            loss = validation_loss(self.step.eval_step, params, self.eval_data, self.step.mesh,
+                                   self.config.train.eval_batches)
         self.writer.write(n, {"eval_loss": loss}, prefix="eval")
         self.summary["eval_loss"].append(loss)
 
@@ -171,41 +201,113 @@ class Run:
         logging.warning("step %d: non-finite loss or gradient, update skipped", n)
         return 1
 
+    def batches(self, first_step):
+        """Global batches for the steps after first_step, the skipped windows left out: a
+        store's batch is read at the step's data position, an iterator's are read and dropped."""
+        windows = self.skips.windows
+        if callable(self.train_data):
+            source = self.train_data(first_step + 1, lambda s: spikes.batch_of_step(s, windows))
+        else:
+            source = spikes.skipping(self.train_data, windows, first_step)
+        return pipeline.global_batches(source, sharding.batch_sharding(self.step.mesh))
+
+    def save(self, n, state):
+        self.saved_windows[n] = self.detector.state()
+        with self.clock.timed("checkpoint_save"):
+            self.ckpt.save(n, state, {**self.meta, "loss_window": self.saved_windows[n]},
+                           self.data_state)
+
+    def rewind(self, n, loss, done):
+        """After a spike at step n: the last committed checkpoint's state and loss window, its
+        data position, and a skip over the batches from there to the spike (and
+        train.spike_skip_batches more); None when there is no checkpoint to go back to."""
+        tc = self.config.train
+        with self.clock.timed("checkpoint_save"):
+            self.ckpt.wait()  # a save in flight is committed (or fails) first
+        back = self.ckpt.latest_step()
+        if back is None:
+            logging.warning("step %d: loss spike %.4f but no checkpoint to rewind to yet", n, loss)
+            return None
+        windows = self.skips.windows
+        first = spikes.batch_of_step(back + 1, windows)
+        last = spikes.batch_of_step(n, windows) + tc.spike_skip_batches
+        event = {"spike_step": n, "loss": loss, "mean": self.detector.mean(),
+                 "rewound_to": back, "batches": [first, last]}
+        self.skips.add(event)  # on disk before anything else: a restart skips them too
+        self.clock.rewound(n - back, done[n] - done[back])
+        with self.clock.timed("checkpoint_restore"):
+            state = self.ckpt.restore(back, self.step.abstract, self.data_state)
+        self.detector = spikes.Detector(tc.spike_factor, tc.spike_window, self.saved_windows[back])
+        if jax.process_index() == 0:
+            truncate_metrics(self.ckpt.workdir / "metrics.jsonl", back)
+        self.writer.write(back, {"spike_step": n, "spike_loss": loss,
+                                 "spike_mean": event["mean"], "rewound_to_step": back,
+                                 "skipped_first_batch": first, "skipped_last_batch": last},
+                          prefix="spike")
+        logging.warning("step %d: loss %.4f > %g x mean %.4f: rewound to step %d, data batches "
+                        "%d-%d skipped", n, loss, tc.spike_factor, event["mean"], back, first,
+                        last)
+        return state
+
     def loop(self, state, sigterm):
         """Steps from state.step to train.steps. `sigterm` is a list that becomes non-empty
         when the job is told to stop: the current step is saved and Preempted raised."""
-        step, config, ckpt = self.step, self.config, self.ckpt
+        step, config, ckpt, clock = self.step, self.config, self.ckpt, self.clock
         data, tc = config.data, config.train
         tokens_per_step = data.global_batch_size * data.seq_len
-        throughput = Throughput(tokens_per_step, step.cfg.flops_per_token(data.seq_len),
-                                step.mesh.size)
-        profile = Profile(config.profile.steps, ckpt.workdir / "tensorboard")
-        batches = pipeline.global_batches(self.train_data, sharding.batch_sharding(step.mesh))
+        with clock.timed("startup"):  # on CPU, Throughput measures the peak FLOP/s (seconds)
+            throughput = Throughput(tokens_per_step, step.cfg.flops_per_token(data.seq_len),
+                                    step.mesh.size)
+            profile = Profile(config.profile.steps, ckpt.workdir / "tensorboard")
+            n = int(state.step)
+            batches = self.batches(n)
+        with clock.timed("compile"):  # ahead of time, so no step's time includes it
+            train_step = step.train_step.lower(step.abstract, step.abstract_batch()).compile()
         skipped = 0
-        if state.step == 0:
+        if n == 0:
             self.evaluate(0, state.params)
         throughput.reset()
-        for n in range(int(state.step) + 1, tc.steps + 1):
+        done = {n: 0.0}  # step -> this session's productive seconds when it finished
+        while n < tc.steps:
+            n += 1
+            with clock.timed("data_wait"):
+                batch = next(batches)
+            began = time.time()
             profile.before(n)
-            state, metrics = step.train_step(state, next(batches))
+            state, metrics = train_step(state, batch)
             throughput.count()
             profile.after(n, metrics)
-            skipped += self.check_finite(n, metrics)
+            spike = False
+            if tc.on_spike != "off":  # the loss joins the one scalar fetch of each step
+                loss, finite = (float(x) for x in jax.device_get(
+                    (metrics["loss"], metrics["finite"])))
+                skipped += self.check_finite(n, {"finite": finite})
+                spike = finite and self.detector.is_spike(loss)
+            else:
+                skipped += self.check_finite(n, metrics)
             self.summary["steps"] = n
             if n % tc.log_every == 0 or n == tc.steps:
                 metrics = jax.device_get(metrics)  # waits for the step: the timing is real
                 self.writer.write(n, {**metrics, **throughput.report(), "skipped_steps": skipped,
                                       "tokens_seen": n * tokens_per_step})
                 self.summary["train_loss"] = float(metrics["loss"])
+            done[n] = done[n - 1] + time.time() - began
+            clock.step_done(n, time.time() - began, flush=n % tc.log_every == 0)
+            if spike and (rewound := self.rewind(n, loss, done)) is not None:
+                state, n = rewound, int(rewound.step)
+                self.summary["steps"], batches = n, self.batches(n)
+                throughput.reset()
+                continue
             if n % tc.eval_every == 0 or n == tc.steps:
                 self.evaluate(n, state.params)
                 throughput.reset()  # evaluation time is not training throughput
             if n % config.checkpoint.every_steps == 0 or n == tc.steps:
-                ckpt.save(n, state, self.meta, self.data_state)
+                self.save(n, state)
             if _preempted(n, sigterm):
                 if ckpt.latest_step() != n:
-                    ckpt.save(n, state, self.meta, self.data_state)
-                ckpt.wait()
+                    self.save(n, state)
+                with clock.timed("checkpoint_save"):
+                    ckpt.wait()
                 raise Preempted(f"preempted at step {n}: checkpoint saved in "
                                 f"{ckpt.mngr.directory}; rerun the same command to resume")
 
@@ -214,7 +316,7 @@ class Profile:
     """A JAX profiler trace over config.profile.steps ("START:END"), into the TensorBoard dir."""
 
     def __init__(self, steps, logdir):
-        self.range = profile_range(steps) if steps else None
+        self.range = ranges.profile_range(steps) if steps else None
         self.logdir = str(logdir)
 
     def before(self, n):
@@ -254,7 +356,8 @@ def describe(summary, tokens_per_step):
                             if evals else "not evaluated this session")
             + f"; wall time {summary['wall_s']:.0f} s; "
             + (f"last checkpoint step {saved} in {summary['checkpoint']}." if saved is not None
-               else "no checkpoint saved."))
+               else "no checkpoint saved.")
+            + (f" {goodput.describe(summary['goodput'])}." if "goodput" in summary else ""))
 
 
 def _preempted(step, sigterm):
@@ -284,10 +387,12 @@ def main(argv):
     except (ValueError, KeyError, OSError, FloatingPointError) as e:
         # a known failure is one line that says the fix, not a traceback wall
         distributed.exit_failed(f"error: {e}")
+    except pipeline.tf.errors.InvalidArgumentError as e:  # an in-graph check of the data failed
+        distributed.exit_failed(f"error: {pipeline.graph_check_message(e)}")
     except Exception:
         distributed.exit_failed(traceback.format_exc())
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    ranges.run_app(app.run, main)

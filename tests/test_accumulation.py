@@ -175,9 +175,9 @@ def test_resume_with_microbatches_gives_bit_identical_losses(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("microbatches, batch, message", [
-    (0, 8, r"train\.microbatches=0 must be a positive integer"),
-    (-2, 8, r"train\.microbatches=-2 must be a positive integer"),
-    (True, 8, r"train\.microbatches=True must be a positive integer"),
+    (0, 8, r"train\.microbatches=0 is outside its range integer >= 1"),
+    (-2, 8, r"train\.microbatches=-2 is outside its range integer >= 1"),
+    (True, 8, r"train\.microbatches=True is outside its range integer >= 1"),
     (2, 8, r"data\.global_batch_size=8 is not divisible by train\.microbatches=2 x mesh "
            r"slices\*data\*fsdp=8: make it a multiple of 16"),
     (3, 16, r"data\.global_batch_size=16 is not divisible by train\.microbatches=3 x mesh "

@@ -130,7 +130,8 @@ def test_a_failing_process_stops_the_job_instead_of_hanging(tmp_path):
     job = launch(tmp_path / "run", 2, 1, **{"data.tokenizer_vocab_size": 300})
     log = finish(job, tmp_path / "run", 120)
     assert job.returncode != 0 and time.time() - start < 90
-    assert re.search(r"\[0\] RuntimeError: .*Vocabulary size is smaller", log)
+    assert re.search(r"\[0\] error: SentencePiece cannot train 300 pieces on this corpus "
+                     r"\(.*Vocabulary size is smaller.*\): change data.tokenizer_vocab_size", log)
 
 
 def test_a_changed_shard_count_restarts_the_data_stream_with_a_warning(runs, caplog):

@@ -86,8 +86,8 @@ def test_command_writes_the_png_and_errors_are_one_line(tmp_path, monkeypatch):
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0
     assert bad.stderr.strip().splitlines()[-1] == (
-        f"error: --workdir={tmp_path} has no metrics.jsonl: pass the workdir of a "
-        "llama_jax.train run")
+        f"error: --workdir='{tmp_path}' is outside its range a directory holding metrics.jsonl: "
+        "pass the workdir of a llama_jax.train run (repeat for several)")
     assert not (tmp_path / "x.png").exists()
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed

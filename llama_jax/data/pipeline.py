@@ -8,6 +8,7 @@ from another. Sources are mixed row by row, so each source's token share is its 
 """
 
 import os
+import re
 
 import jax
 import numpy as np
@@ -256,6 +257,13 @@ class ShardedIterator:
     def restore(self, directory):
         for it in self._iterators:
             it.restore(directory)
+
+
+def graph_check_message(error):
+    """The message of a tf.debugging check that failed inside the input graph (e.g. a JSONL
+    line without the text field), without TensorFlow's node names around it."""
+    found = re.search(r"assertion failed: \[(.*?)\]", error.message)
+    return found.group(1) if found else error.message.splitlines()[0][:300]
 
 
 def global_batches(batches, sharding):

@@ -5,6 +5,8 @@ Everything here is a graph-only tf.data op (no Python generators), so the iterat
 can be checkpointed and resumed exactly.
 """
 
+import gzip
+import json
 import re
 
 from llama_jax import quiet
@@ -47,6 +49,31 @@ def check_entry(entry) -> str:
         raise ValueError(f"source {name!r}: format={entry['format']!r} is unknown: use one of "
                          f"{FORMATS}")
     return kinds[0]
+
+
+def check_first_document(entry):
+    """A JSONL source whose first line lacks the text field fails here, in one line, before
+    any graph runs (a later such line stops the run with the in-graph check's message)."""
+    if "files" not in entry or entry.get("format") != "jsonl":
+        return
+    patterns = [entry["files"]] if isinstance(entry["files"], str) else list(entry["files"])
+    paths = sorted(p for pat in patterns for p in tf.io.gfile.glob(pat))
+    if not paths:
+        return  # _local_files names the pattern that matches nothing
+    field = entry.get("field", "text")
+    with (gzip.open(paths[0], "rt") if paths[0].endswith(".gz") else
+          tf.io.gfile.GFile(paths[0], "r")) as f:
+        line = next((x for x in f if x.strip()), None)
+    try:
+        record = json.loads(line) if line is not None else {}
+    except json.JSONDecodeError:
+        raise ValueError(f"source {entry['name']!r}: the first line of {paths[0]} is not JSON: "
+                         "use format='lines' or 'text' for plain text") from None
+    if not isinstance(record, dict) or not isinstance(record.get(field), str):
+        keys = sorted(record) if isinstance(record, dict) else []
+        raise ValueError(f"source {entry['name']!r}: the first line of {paths[0]} has no string "
+                         f"field {field!r} (its keys: {keys}): set field= to the key that holds "
+                         "the text")
 
 
 def _files_dataset(paths, reader, train, seed, process_index, process_count):

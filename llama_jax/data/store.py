@@ -310,19 +310,21 @@ def process_rows(batch_sharding, global_batch_size, seq_len):
 class Batches:
     """This process's rows of the batches of steps first_step, first_step + 1, ..., each
     computed (numpy index math, a few ms) on a daemon thread up to `depth` steps ahead. No
-    state to save: a resumed run starts a new one at its checkpoint's step + 1."""
+    state to save: a resumed run starts a new one at its checkpoint's step + 1. `position`
+    maps a step to the data position it reads (the identity, or past the data windows a
+    loss-spike rewind skipped: spikes.batch_of_step)."""
 
-    def __init__(self, mix, global_batch_size, rows, first_step, depth=2):
-        self._args = mix, global_batch_size, rows
+    def __init__(self, mix, global_batch_size, rows, first_step, depth=2, position=None):
+        self._args = mix, global_batch_size, rows, position or (lambda step: step)
         self._queue = queue.Queue(depth)
         # a daemon: the process exits without waiting for batches nobody will take
         threading.Thread(target=self._fill, args=(first_step,), daemon=True).start()
 
     def _fill(self, step):
-        mix, global_batch_size, rows = self._args
+        mix, global_batch_size, rows, position = self._args
         while True:
             try:
-                self._queue.put(mix.batch(step, global_batch_size, rows))
+                self._queue.put(mix.batch(position(step), global_batch_size, rows))
             except Exception as e:  # a bad shard: raised in the training thread, named
                 self._queue.put(e)
                 return
@@ -350,11 +352,11 @@ class EvalBatches:
         return (mix.batch(step, global_batch_size, rows) for step in range(1, count + 1))
 
 
-def train_batches(data_config, tokenizer, batch_sharding, first_step):
+def train_batches(data_config, tokenizer, batch_sharding, first_step, position=None):
     """What train.py reads for a store run: this process's rows from first_step on."""
     rows = process_rows(batch_sharding, data_config.global_batch_size, data_config.seq_len)
     mix = mixture(data_config, "train", tokenizer.path.read_bytes())
-    return Batches(mix, data_config.global_batch_size, rows, first_step)
+    return Batches(mix, data_config.global_batch_size, rows, first_step, position=position)
 
 
 def eval_batches(data_config, tokenizer, batch_sharding):

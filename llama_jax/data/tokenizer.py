@@ -188,13 +188,18 @@ def train_on_texts(texts, vocab_size: int, out_path, sample_lines: int = 2_000_0
     lines = [line for text in texts for line in text.splitlines() if line.strip()]
     random.Random(seed).shuffle(lines)
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines[:sample_lines]), model_writer=model,
-        model_type="bpe", vocab_size=vocab_size, byte_fallback=True, split_digits=True,
-        character_coverage=0.99995, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-        max_sentence_length=16384, unk_id=0, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
-        num_threads=os.cpu_count() or 1, minloglevel=2)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines[:sample_lines]), model_writer=model,
+            model_type="bpe", vocab_size=vocab_size, byte_fallback=True, split_digits=True,
+            character_coverage=0.99995, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+            max_sentence_length=16384, unk_id=0, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
+            num_threads=os.cpu_count() or 1, minloglevel=2)
+    except RuntimeError as e:  # e.g. fewer pieces than the corpus has characters
+        raise ValueError(f"SentencePiece cannot train {vocab_size} pieces on this corpus "
+                         f"({str(e).splitlines()[-1][:200]}): change data.tokenizer_vocab_size")
+
     out_path = pathlib.Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(".tmp")
