@@ -86,10 +86,10 @@ def compiled_temp_bytes(devices, sequences_per_shard, attention="xla", rules="fs
     """XLA's per-device temporaries for the real train step of a small model whose activations
     outweigh its parameters (seq 256, D=64), at a given batch per batch shard."""
     tensor = 2 if rules == "fsdp_tp" else 1
-    config = micro_config(vocab_size=256, dim=64, ffn_dim=192, max_seq_len=256, remat="full",
+    config = micro_config(vocab_size=260, dim=64, ffn_dim=192, max_seq_len=256, remat="full",
                           attention=attention)
     config.data.update(seq_len=256, global_batch_size=sequences_per_shard * devices // tensor,
-                       tokenizer_vocab_size=256)
+                       tokenizer_vocab_size=260)
     config.mesh.update(data=1, fsdp=-1, tensor=tensor)
     config.sharding_rules = rules
     step = train_step.build(config, sharding.make_mesh(config.mesh, jax.devices()[:devices]))

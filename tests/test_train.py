@@ -19,6 +19,8 @@ from llama_jax.train import train
                                         for p in (ROOT / "configs").glob("*.py")))
 def test_every_config_loads_and_validates(path):
     config = load_config(path)
+    if config.data.tokenizer_path.startswith("runs/"):  # made by the steps its docstring gives
+        config.data.tokenizer_path = ""
     cfg = validate(config, sharding.make_mesh({}, jax.devices()[:1]))
     assert cfg.num_params() > 0
     assert f"python -m llama_jax.train --config={path}" in (ROOT / path).read_text()
