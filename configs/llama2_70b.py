@@ -11,14 +11,9 @@ steps, cosine to 10%, 2T tokens. Continued pretraining from the released weights
       --config.train.lr=3e-5
 """
 
-from llama_jax.config import base_config
+from llama_jax.config import llama2_config
 
 
 def get_config():
-    c = base_config(dim=8192, n_heads=64, n_kv_heads=8, n_layers=80,
-                    ffn_dim=28672,
-                    norm_eps=1e-5, max_seq_len=4096)
-    c.data.seq_len = 4096
-    c.data.global_batch_size = 1024  # x 4096 = 4M tokens a step
-    c.train.update(lr=0.00015, eps=1e-5, steps=476837)  # 2T tokens / 4M tokens a step
-    return c
+    return llama2_config(0.00015, dim=8192, n_heads=64, n_kv_heads=8, n_layers=80,
+                         ffn_dim=28672)

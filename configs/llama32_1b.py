@@ -12,16 +12,9 @@ steps, cosine to 10% over 10B tokens. From the released weights (docs/configs.md
       --config.data.tokenizer_path=runs/llama32_1b_base/tokenizer.json
 """
 
-from llama_jax.config import base_config
+from llama_jax.config import llama3_config
 
 
 def get_config():
-    c = base_config(dim=2048, n_heads=32, n_kv_heads=8, n_layers=16,
-                    ffn_dim=8192, vocab_size=128256,
-                    norm_eps=1e-5, rope_theta=500000.0, rope_scaling="llama3",
-                    rope_scaling_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
-                    rope_original_max_seq_len=8192, max_seq_len=131072, tie_embeddings=True)
-    c.data.seq_len = 8192
-    c.data.global_batch_size = 512  # x 8192 = 4M tokens a step
-    c.train.update(lr=3e-5, warmup_steps=200, steps=2384)  # 10B tokens / 4M tokens a step
-    return c
+    return llama3_config(dim=2048, n_heads=32, n_kv_heads=8, n_layers=16, ffn_dim=8192,
+                         rope_scaling_factor=32.0, tie_embeddings=True)

@@ -74,6 +74,33 @@ def base_config(**model) -> ml_collections.ConfigDict:
     return c
 
 
+def llama2_config(lr, **model) -> ml_collections.ConfigDict:
+    """Llama 2 (arXiv 2307.09288): RMSNorm eps 1e-5, a 4,096 context, 4M-token batches of
+    4,096-token rows, AdamW eps 1e-5, 2T tokens, peak `lr` (3e-4 for 7B/13B, 1.5e-4 for 70B)."""
+    c = base_config(**{"norm_eps": 1e-5, "max_seq_len": 4096, **model})
+    c.data.seq_len = 4096
+    c.data.global_batch_size = 1024  # x 4096 = 4M tokens a step
+    c.train.update(lr=lr, eps=1e-5, steps=476837)  # 2T tokens / 4M tokens a step
+    return c
+
+
+def llama3_config(**model) -> ml_collections.ConfigDict:
+    """Llama 3.1 / 3.2: the 128,256-piece BPE vocabulary, RoPE theta 500,000 with "llama3"
+    scaling from an 8,192 to a 131,072 context (factor 8 in 3.1; the 3.2 configs pass 32),
+    RMSNorm eps 1e-5. Meta published no schedule at these sizes, so training is continued
+    pretraining: 4M-token batches of 8,192-token rows, lr 3e-5 (a tenth of Llama 2's peak),
+    200 warmup steps, cosine to 10% over 10B tokens."""
+    c = base_config(**{
+        "vocab_size": 128256, "norm_eps": 1e-5, "rope_theta": 500000.0,
+        "rope_scaling": "llama3", "rope_scaling_factor": 8.0, "rope_low_freq_factor": 1.0,
+        "rope_high_freq_factor": 4.0, "rope_original_max_seq_len": 8192,
+        "max_seq_len": 131072, **model})
+    c.data.seq_len = 8192
+    c.data.global_batch_size = 512  # x 8192 = 4M tokens a step
+    c.train.update(lr=3e-5, warmup_steps=200, steps=2384)  # 10B tokens / 4M tokens a step
+    return c
+
+
 def load_config(path) -> ml_collections.ConfigDict:
     """get_config() of a configs/*.py file, for code that takes a path rather than --config."""
     path = pathlib.Path(path)

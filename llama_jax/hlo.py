@@ -192,6 +192,17 @@ def _moved(kind, size, n, slices):
     return (2 if kind == "all-reduce" else 1) * share * (parts - 1) / parts
 
 
+def _megascale_send(send):
+    """(kind, bytes over DCN) of libtpu's cross-slice collective, a host-transfer send of this
+    device's part to the other slices run by the multi-slice (megascale) runtime; else None."""
+    transfer = _MEGASCALE_TYPE.search(send.attrs)
+    if transfer is None:
+        return None
+    kind = transfer.group(1).lower().replace("_", "-")
+    slices = len(_MEGASCALE_SLICES.search(send.attrs).group(1).split(","))
+    return kind, _moved(kind, _type_bytes(_ARRAY.search(send.type).group(0)), slices, slices)
+
+
 def _execution_counts(computations, entry):
     """(computation name -> times it runs per step, loops whose trip count is unknown)."""
     callers, unknown_loops = {}, 0  # callee -> [(caller, runs per caller run)]
@@ -259,15 +270,8 @@ def collective_bytes(hlo_text, slice_size=None):
         by_name, seen = {i.name: i for i in instructions}, collections.Counter()
         for instruction in instructions:
             kind = instruction.op.removesuffix("-done")
-            megascale = _MEGASCALE_TYPE.search(instruction.attrs) if kind == "send" else None
-            if megascale and executions(name):
-                # libtpu's cross-slice collective: a host-transfer send of this device's part
-                # to the other slices, run by the multi-slice (megascale) runtime over DCN
-                kind = megascale.group(1).lower().replace("_", "-")
-                slices = len(_MEGASCALE_SLICES.search(instruction.attrs).group(1).split(","))
-                dcn = _moved(kind, _type_bytes(_ARRAY.search(instruction.type).group(0)),
-                             slices, slices)
-                found[(name, instruction.name)] = (kind, dcn, executions(name), dcn)
+            if kind == "send" and (sent := _megascale_send(instruction)) and executions(name):
+                found[(name, instruction.name)] = (sent[0], sent[1], executions(name), sent[1])
                 continue
             if kind not in COLLECTIVES or not executions(name):
                 continue
