@@ -27,7 +27,7 @@ from safetensors.numpy import load_file, save_file
 
 from llama_jax import checkpoint
 from llama_jax.attention import resolve_attention
-from llama_jax.data.tokenizer import install, tokenizer_file
+from llama_jax.data.tokenizer import BOS_ID, EOS_ID, install, load_tokenizer, tokenizer_file
 from llama_jax.model import DTYPES, ModelConfig
 
 
@@ -154,7 +154,10 @@ def _rope_to_hf(cfg: ModelConfig) -> dict:
             "rope_scaling": legacy if cfg.rope_scaling != "none" else None}
 
 
-def config_to_hf(cfg: ModelConfig, dtype="float32") -> dict:
+def config_to_hf(cfg: ModelConfig, dtype="float32", special_ids=(BOS_ID, EOS_ID)) -> dict:
+    """transformers' config.json; special_ids are the tokenizer's (BOS, EOS): Llama 3's are
+    128000 / 128001, not SentencePiece's 1 / 2."""
+    bos, eos = special_ids
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
@@ -162,7 +165,7 @@ def config_to_hf(cfg: ModelConfig, dtype="float32") -> dict:
         "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
         **_rope_to_hf(cfg), "attention_bias": False, "mlp_bias": False,
-        "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": 1, "eos_token_id": 2,
+        "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": bos, "eos_token_id": eos,
         "dtype": dtype,
     }
 
@@ -241,9 +244,10 @@ def load_hf_model(src):
     return resolve_attention(cfg, jax.default_backend()), params, tokenizer_file(src)
 
 
-def save_hf(cfg: ModelConfig, params, dst):
+def save_hf(cfg: ModelConfig, params, dst, special_ids=(BOS_ID, EOS_ID)):
     """Writes config.json + model.safetensors that transformers' LlamaForCausalLM loads; a
-    tied model (cfg.tie_embeddings) has no lm_head tensor."""
+    tied model (cfg.tie_embeddings) has no lm_head tensor. special_ids: the tokenizer's
+    (BOS, EOS), for config.json."""
     dst = pathlib.Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     params = jax.tree.map(np.asarray, params)
@@ -258,7 +262,21 @@ def save_hf(cfg: ModelConfig, params, dst):
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
               dst / "model.safetensors", metadata={"format": "pt"})
     dtype = params["tok_embeddings"].dtype.name  # what was written, whatever cfg says
-    (dst / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2))
+    (dst / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype, special_ids),
+                                                indent=2))
+
+
+def export_hf(workdir, dst, config=None):
+    """A workdir out to a Hugging Face directory: the weights, a config.json with the
+    tokenizer's own BOS/EOS ids, and the tokenizer (convert --to=hf)."""
+    cfg, params, tok = checkpoint.load_model(workdir, config)
+    special = (BOS_ID, EOS_ID)
+    if tok.exists():
+        loaded = load_tokenizer(tok, cfg.vocab_size)
+        special = (loaded.bos_id(), loaded.eos_id())
+    save_hf(cfg, params, dst, special)
+    if tok.exists():
+        install(tok, dst)
 
 
 # ------------------------------------------------------------------------------------- Meta
@@ -376,10 +394,7 @@ def main(argv):
     src = pathlib.Path(fl.src)
     try:
         if fl.to == "hf":
-            cfg, params, tok = checkpoint.load_model(src, fl.config)
-            save_hf(cfg, params, fl.dst)
-            if tok.exists():
-                install(tok, fl.dst)
+            export_hf(src, fl.dst, fl.config)
         else:
             cfg, params = load_hf(src) if source == "hf" else load_meta(src)
             tok = tokenizer_file(src)

@@ -85,6 +85,14 @@ def test_a_tiny_run_trains_with_it_and_its_workdir_serves_every_tool(hf_path, tm
     lm = LlamaJaxLM(workdir=str(tmp_path / "run"))
     assert lm.tokenizer.path == tok_path and lm._split("a", " b")[0][0] == tok.bos_id()
 
+    # exported to Hugging Face, config.json names this tokenizer's BOS/EOS, not 1 and 2
+    from llama_jax import convert
+    convert.export_hf(tmp_path / "run", tmp_path / "hf")
+    exported = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (exported["bos_token_id"], exported["eos_token_id"]) == (tok.bos_id(), tok.eos_id())
+    assert (tok.bos_id(), tok.eos_id()) != (1, 2)
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == hf_path.read_bytes()
+
     # the workdir keeps the tokenizer it started with
     other = tmp_path / "other" / "tokenizer.json"
     other.parent.mkdir()
