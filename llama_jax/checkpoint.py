@@ -12,7 +12,6 @@ ModelConfig as configured, attention "auto" kept) and usually its tokenizer (.mo
 """
 
 import dataclasses
-import hashlib
 import json
 import os
 import pathlib
@@ -26,6 +25,7 @@ from absl import logging
 
 from llama_jax import sharding
 from llama_jax.config import model_config
+from llama_jax.data import store
 from llama_jax.data.tokenizer import install, load_tokenizer, tokenizer_file
 from llama_jax.attention import resolve_attention
 from llama_jax.model import Llama, ModelConfig
@@ -40,7 +40,8 @@ class CheckpointError(ValueError):
 
 
 def fingerprint(path) -> str:
-    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:16]
+    """A file's identity (a tokenizer's, in checkpoint meta): the token stores' fingerprint."""
+    return store.fingerprint(pathlib.Path(path).read_bytes())
 
 
 def _shape_mismatch(saved_tree, abstract_params):

@@ -82,7 +82,7 @@ def start_state(step, config, ckpt, meta, train_data, tokenizer):
             "--workdir")
     saved_meta = ckpt.check_compatible(latest, step.abstract.params, meta)
     saved_shards = saved_meta["data_shards"]
-    if train_data is None:  # a token store: the checkpoint's step is the data position
+    if callable(train_data):  # a token store: the checkpoint's step is the data position
         state = ckpt.restore(latest, step.abstract)
     elif saved_shards != meta["data_shards"]:  # no saved iterator state fits these shards
         train_data = pipeline.restarted_stream(config.data, tokenizer, saved_shards, latest)
@@ -102,7 +102,9 @@ def train(config, workdir):
     data, tc = config.data, config.train
 
     # Phase 1: mesh, validated settings, model, optimizer, abstract state (no memory used yet).
-    ranges.check_config(config)  # every key in its range before anything is built or written
+    # every key in its range before the mesh is built (validate() repeats it for the other
+    # entry points that build a step)
+    ranges.check_config(config)
     ranges.check_sources(config.data)
     step = train_step.build(config, sharding.make_mesh(config.mesh))
     logging.info("mesh %s over %d devices; model %s, %.1fM parameters", dict(step.mesh.shape),
@@ -113,8 +115,9 @@ def train(config, workdir):
 
     # Phase 2: tokenizer and data, each process reading its own data shards.
     tokenizer = tokenizer_lib.shared_tokenizer(workdir, data, step.cfg.vocab_size)
-    if store.store_run(data):  # batches are a function of the step: made once it is known
-        train_data = None
+    if store.store_run(data):  # step -> batches from that step's data position (Run.batches)
+        train_data = functools.partial(store.train_batches, data, tokenizer,
+                                       sharding.batch_sharding(step.mesh))
         eval_data = store.eval_batches(data, tokenizer, sharding.batch_sharding(step.mesh))
     else:  # an iterator (not the dataset) so its position can be saved with checkpoints
         train_data = pipeline.ShardedIterator(pipeline.process_datasets("train", data, tokenizer))
@@ -135,9 +138,6 @@ def train(config, workdir):
     # a fresh init (its compile included) is start-up; a restore is checkpoint time
     clock.add("checkpoint_restore" if saved_meta else "startup", time.time() - restore_start)
     clock.resumed(int(state.step))
-    if train_data is None:  # a store: Run.batches reads it from any step's data position
-        train_data = functools.partial(store.train_batches, data, tokenizer,
-                                       sharding.batch_sharding(step.mesh))
 
     # Phase 4: the loop.
     writer = MetricsWriter(workdir, enabled=lead, total_steps=tc.steps, config_text=str(config))
