@@ -1,7 +1,7 @@
 """LLaMA-13B (paper Table 2): dim 5120, 40 heads, 40 layers, lr 3.0e-04, 1.0T tokens.
 
 The paper's batch (2048 x 2048 tokens, the default) on a TPU v5p-16 (8 chips): 4 sequences per chip per
-microbatch, 64 microbatches, remat full; compiled for `v5p:2x2x2` it takes 43.46 GiB of the 95 GiB
+microbatch, 64 microbatches, remat full; compiled for `v5p:2x2x2` it takes 42.34 GiB of the 95 GiB
 per chip (docs/distributed.md, "Measured plans"). Launch (on every host):
   python -m llama_jax.train --config=configs/llama_13b.py --workdir=gs://BUCKET/llama_13b \
       --config.train.microbatches=64 --config.model.remat=full --config.train.loss_chunk_size=512

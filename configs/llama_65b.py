@@ -1,7 +1,7 @@
 """LLaMA-65B (paper Table 2): dim 8192, 64 heads, 80 layers, lr 1.5e-04, 1.4T tokens.
 
 The paper's batch (2048 x 2048 tokens, the default) on a TPU v5p-64 (32 chips): 2 sequences per chip per
-microbatch, 32 microbatches, remat full; compiled for `v5p:4x4x2` it takes 56.59 GiB of the 95 GiB
+microbatch, 32 microbatches, remat full; compiled for `v5p:4x4x2` it takes 53.16 GiB of the 95 GiB
 per chip (docs/distributed.md, "Measured plans"). Launch (on every host):
   python -m llama_jax.train --config=configs/llama_65b.py --workdir=gs://BUCKET/llama_65b \
       --config.train.microbatches=32 --config.model.remat=full --config.train.loss_chunk_size=512
