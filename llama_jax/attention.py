@@ -99,7 +99,7 @@ def splash_attention(q, k, v, segment_ids):
     if placed is None or placed[0].size == 1:
         return run(q, k, v, segment_ids)
     _, spec = placed
-    # the trace's context mesh (sharding.traced_under): inside train_step.by_slice its
+    # the trace's context mesh (sharding.traced_under): inside parallel.by_slice its
     # `slices` axis is already manual, and the kernel maps the others
     return jax.shard_map(run, mesh=jax.sharding.get_abstract_mesh(),
                          in_specs=(spec, spec, spec, P(*spec[:2])), out_specs=spec,

@@ -33,6 +33,7 @@ def synthetic_batch(mesh, batch_size, seq_len, vocab_size, documents=1):
 
 
 def bench(config, steps, documents=1):
+    ranges.check_config(config)  # before the mesh; build() checks how the keys relate
     step = train_step.build(config, sharding.make_mesh(config.mesh))
     cfg, mesh = step.cfg, step.mesh
     seq_len, batch_size = config.data.seq_len, config.data.global_batch_size

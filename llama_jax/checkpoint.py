@@ -18,17 +18,15 @@ import pathlib
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from llama_jax import sharding
-from llama_jax.config import model_config
+from llama_jax.config import model_config, model_from_fields
 from llama_jax.data import store
 from llama_jax.data.tokenizer import install, load_tokenizer, tokenizer_file
 from llama_jax.attention import resolve_attention
-from llama_jax.model import Llama, ModelConfig
+from llama_jax.model import ModelConfig
 
 # the ModelConfig fields that decide the parameter tree; a resume may change the others
 SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
@@ -252,12 +250,12 @@ def read_model(workdir, config=None) -> ModelConfig:
             raise FileNotFoundError(f"{path} is missing: point --workdir at a training or "
                                     "converted workdir, or pass the --config it was trained with")
         return configured
-    fields = json.loads(path.read_text())
-    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(ModelConfig)})
-    if unknown:
-        raise CheckpointError(f"{path} has unknown fields {unknown}: it was written by another "
-                              "version of llama_jax; remove them or use that version")
-    recorded = ModelConfig(**fields)
+    try:
+        recorded = model_from_fields(json.loads(path.read_text()), path, "it was written by "
+                                     "another version of llama_jax; remove them or use that "
+                                     "version")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
     if configured is not None:
         have = dataclasses.asdict(recorded)
         differ = [f"{k} (config {v!r}, model.json {have[k]!r})"
@@ -276,15 +274,6 @@ def load_model(workdir, config=None):
     checkpoint, tokenizer path) of a training or converted workdir."""
     cfg = resolve_attention(read_model(workdir, config), jax.default_backend())
     return cfg, load_params(workdir), tokenizer_file(workdir)
-
-
-def place(cfg: ModelConfig, params, mesh_config=None, rules="fsdp"):
-    """Puts the parameters on every device with the training sharding rules, so a model too big
-    for one device spreads over all of them; the jitted steps follow (GSPMD)."""
-    mesh = sharding.make_mesh(mesh_config or {"data": 1, "fsdp": -1, "tensor": 1})
-    boxed = jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0),
-                                                   jnp.zeros((1, 8), jnp.int32))["params"])
-    return jax.device_put(params, sharding.tree_shardings(boxed, mesh, rules))
 
 
 def config_json(config) -> str:

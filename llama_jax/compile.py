@@ -68,7 +68,8 @@ def topology_devices(topology, slices=1):
 
 def compile_plan(config, topology, dcn_gbps=DCN_GBPS):
     """The plan's JSON-able dict for one config on one topology (see the module docstring)."""
-    return _compile_on(config, topology, *topology_devices(topology, config.mesh.slices),
+    ranges.check_config(config)
+    return _compile_on(config, topology, *topology_devices(topology, config.mesh[sharding.SLICES]),
                        dcn_gbps=dcn_gbps)
 
 
@@ -101,7 +102,7 @@ def _compile_on(config, topology, generation, devices, dcn_gbps=DCN_GBPS):
         return {**plan, "fits": False, "compile_s": round(time.perf_counter() - start, 1),
                 "compiler_error": str(e).splitlines()[0][:300]}
     compile_s = time.perf_counter() - start
-    slices = step.mesh.shape["slices"]
+    slices = step.plan.slices
     measured = collective_bytes(compiled.as_text(),
                                 len(devices) // slices if slices > 1 else None)
     minimum = fsdp_minimum_bytes(cfg, dict(step.mesh.shape), config.train.microbatches)
@@ -152,20 +153,23 @@ def fsdp_minimum_bytes(cfg, mesh_shape, microbatches=1):
     Of these only a gradient sum over the s slices need cross the data-center network:
     "dcn_bytes" = 2 (4 N/(n data)) (s-1)/s, each device's part of its shard once the data
     replicas within its slice have split it, in float32: each slice accumulates its gradient
-    in float32 (train_step.by_slice) and the slices sum that (0 for one slice).
+    in float32 (parallel.by_slice) and the slices sum that (0 for one slice).
     """
-    fsdp, data = mesh_shape.get("fsdp", 1), mesh_shape.get("data", 1)
-    slices = mesh_shape.get("slices", 1)
-    params = cfg.num_params() / mesh_shape.get("tensor", 1)
+    # the parameters' splits (fsdp: the model dim, tensor: heads and ffn) and the batch axes
+    # that only replicate them (slices, data), read from the mesh table
+    fsdp = sharding.size_of(mesh_shape, sharding.weight_axes("embed"))
+    params = cfg.num_params() / sharding.size_of(mesh_shape, sharding.weight_axes("heads"))
+    replicas = sharding.size_of(mesh_shape, [a for a in sharding.BATCH
+                                             if a not in sharding.weight_axes("embed")])
+    slices = sharding.size_of(mesh_shape, sharding.DCN)
     size = jnp.dtype(DTYPES[cfg.dtype]).itemsize * params
     gathers = (1 if cfg.remat == "none" else 2) * microbatches
-    replicas = slices * data
     moved = {"all-gather": gathers * size * (fsdp - 1) / fsdp,
              "reduce-scatter": microbatches * size * (fsdp - 1) / fsdp,
              "all-reduce": 2 * size / fsdp * (replicas - 1) / replicas}
     moved = {kind: round(b) for kind, b in moved.items() if b}
     return {"bytes": moved, "total_bytes": sum(moved.values()),
-            "dcn_bytes": round(2 * 4 * params / (fsdp * data) * (slices - 1) / slices)}
+            "dcn_bytes": round(2 * 4 * params / (fsdp * replicas / slices) * (slices - 1) / slices)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,10 +201,11 @@ def plan_candidates(config, topology, sizes=PLAN_SIZES, remats=PLAN_REMAT, headr
     """Compile (AOT, nothing allocated) each (sequences per chip per microbatch, remat) that
     divides the global batch, and return one row per compile. Within a remat policy sizes go
     up, so memory does: the first that does not fit (or that the compiler refuses) ends it."""
-    generation, devices = topology_devices(topology, config.mesh.slices)
+    ranges.check_config(config)
+    generation, devices = topology_devices(topology, config.mesh[sharding.SLICES])
     chip = CHIPS[generation]
-    slices, data, fsdp, _ = sharding.mesh_shape(config.mesh, len(devices))
-    shards, batch_size = slices * data * fsdp, config.data.global_batch_size
+    mesh = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, len(devices))))
+    shards, batch_size = sharding.size_of(mesh, sharding.BATCH), config.data.global_batch_size
     seq_len, budget = config.data.seq_len, chip["hbm"] * (1 - headroom)
     rows = []
     for remat in remats:
@@ -268,7 +273,7 @@ def run_plan(config, topology, sizes=PLAN_SIZES, remats=PLAN_REMAT, headroom=0.1
     generation, _, _ = topology.partition(":")
     cfg = model_config(config)
     hbm = CHIPS[generation]["hbm"] / GIB
-    slices = config.mesh.slices
+    slices = config.mesh[sharding.SLICES]
     header = (f"plan: {cfg.num_params() / 1e9:.3g}B params, global batch "
               f"{config.data.global_batch_size} x {config.data.seq_len} on "
               f"{f'{slices} x ' if slices > 1 else ''}{topology}, "
@@ -288,8 +293,8 @@ def define_flags():
                       "--plan: sequences per chip per microbatch to try.")
     flags.DEFINE_list("plan_remat", list(PLAN_REMAT), "--plan: remat policies to try.")
     flags.DEFINE_float("headroom", 0.1, "--plan: fraction of HBM a fitting candidate leaves free.")
-    flags.DEFINE_integer("slices", None, "Compile for this many slices of --topology joined by "
-                         "the data-center network (sets config.mesh.slices).")
+    flags.DEFINE_integer(sharding.SLICES, None, "Compile for this many slices of --topology "
+                         "joined by the data-center network (sets config.mesh.slices).")
     flags.DEFINE_float("dcn_gbps", DCN_GBPS, "Data-center network Gb/s per TPU host, for the "
                        "step time the DCN bytes imply.")
 
@@ -301,10 +306,11 @@ def main(argv):
     if FLAGS.config is None or FLAGS.topology is None:
         raise app.UsageError("--config and --topology are both required, e.g. "
                              "--config=configs/llama_7b.py --topology=v5p:2x2x1")
-    if FLAGS.slices is not None:
-        if FLAGS.slices < 1:
-            sys.exit(f"error: --slices={FLAGS.slices} must be at least 1")
-        FLAGS.config.mesh.slices = FLAGS.slices
+    slices = FLAGS[sharding.SLICES].value  # the flag is named after the mesh axis it sets
+    if slices is not None:
+        if slices < 1:
+            sys.exit(f"error: --{sharding.SLICES}={slices} must be at least 1")
+        FLAGS.config.mesh[sharding.SLICES] = slices
     try:
         if FLAGS.plan:
             _, table = run_plan(FLAGS.config, FLAGS.topology, [int(s) for s in FLAGS.plan_sizes],

@@ -7,25 +7,23 @@ import pathlib
 
 import ml_collections
 
-from llama_jax import ranges
+from llama_jax import sharding
 from llama_jax.attention import resolve_attention
-from llama_jax.data import tokenizer
 from llama_jax.model import ModelConfig
 
 
 def base_config(**model) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.model = ml_collections.ConfigDict(dict(
-        vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=None, head_dim=None,
-        ffn_dim=None, multiple_of=256, norm_eps=1e-6, rope_theta=10000.0, rope_scaling="none",
-        rope_scaling_factor=1.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
-        rope_original_max_seq_len=8192, tie_embeddings=False, max_seq_len=2048, dtype="bfloat16",
-        param_dtype="float32", remat="dots_saveable", scan_layers=True, attention="auto"))
+    # ModelConfig's own defaults (one source), with LLaMA-7B's sizes for the fields it requires
+    c.model = ml_collections.ConfigDict({
+        "vocab_size": 32000, "dim": 4096, "n_layers": 32, "n_heads": 32,
+        **{f.name: f.default for f in dataclasses.fields(ModelConfig)
+           if f.default is not dataclasses.MISSING}})
     c.model.update(model)
     # one -1 axis fills the remaining devices; slices: TPU slices joined by the data-center
     # network, data-parallel across them (docs/distributed.md, "Several slices")
-    c.mesh = ml_collections.ConfigDict(dict(slices=1, data=1, fsdp=-1, tensor=1))
-    c.sharding_rules = "fsdp"  # a preset in llama_jax/sharding.py RULES
+    c.mesh = ml_collections.ConfigDict(sharding.DEFAULT_MESH)  # sharding.AXES, in table order
+    c.sharding_rules = sharding.DEFAULT_RULES  # a preset in llama_jax/sharding.py RULES
 
     c.data = ml_collections.ConfigDict(dict(
         # a weighted mixture: each entry is {name, weight} plus builtin= / files= / tfds= (see
@@ -113,49 +111,51 @@ def load_config(path) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
-def model_config(config, platform=None) -> ModelConfig:
-    """The one place where the loose config becomes a typed ModelConfig (unknown keys raise);
-    with the target platform, attention="auto" becomes that platform's implementation."""
-    fields = config.model.to_dict()
+def model_from_fields(fields, source, fix) -> ModelConfig:
+    """The one way a dict becomes a ModelConfig (a config's model section, a workdir's
+    model.json): a key that is no field is an error naming `source` and `fix`."""
     unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(ModelConfig)})
     if unknown:
-        raise ValueError(f"config.model has unknown keys {unknown}: remove them or fix their "
-                         "spelling (see llama_jax/model.py ModelConfig)")
-    cfg = ModelConfig(**fields)
+        raise ValueError(f"{source} has unknown keys {unknown}: {fix}")
+    return ModelConfig(**fields)
+
+
+def model_config(config, platform=None) -> ModelConfig:
+    """The typed ModelConfig of a loose config; with the target platform, attention="auto"
+    becomes that platform's implementation."""
+    cfg = model_from_fields(config.model.to_dict(), "config.model", "remove them or fix their "
+                            "spelling (see llama_jax/model.py ModelConfig)")
     return cfg if platform is None else resolve_attention(cfg, platform, config.data.seq_len)
 
 
 def validate(config, mesh):
     """One-line errors for settings that would otherwise fail deep inside XLA or silently;
-    returns the ModelConfig resolved for the mesh's platform. Every key's own range is checked
-    first (llama_jax/ranges.py); what follows relates keys to each other and to the mesh."""
-    ranges.check_config(config)
+    returns the ModelConfig resolved for the mesh's platform. Each key's own range is ranges.py's
+    (check_config, which every entry point runs first, before its mesh); here are the facts
+    that relate keys to each other and to the mesh."""
     cfg = model_config(config, mesh.devices.flat[0].platform)
-    mesh_sizes = mesh.devices.shape
     data, train = config.data, config.train
-    sizes = dict(zip(mesh.axis_names, mesh_sizes))
+    sizes = dict(mesh.shape)
     errors = []
-    if cfg.n_heads % sizes["tensor"] or cfg.n_kv_heads % sizes["tensor"]:
+    heads = sharding.size_of(sizes, sharding.weight_axes("heads"))
+    if cfg.n_heads % heads or cfg.n_kv_heads % heads:
+        names = "*".join(sharding.weight_axes("heads"))
         errors.append(f"model.n_heads={cfg.n_heads} / n_kv_heads={cfg.n_kv_heads} are not "
-                      f"divisible by mesh.tensor={sizes['tensor']}: pick a tensor size dividing both")
-    shards = sizes["slices"] * sizes["data"] * sizes["fsdp"]
+                      f"divisible by mesh.{names}={heads}: pick a {names} size dividing both")
+    shards = sharding.size_of(sizes, sharding.BATCH)
+    batch_axes = "*".join(sharding.BATCH)
     if data.global_batch_size % shards:
         errors.append(f"data.global_batch_size={data.global_batch_size} is not divisible by "
-                      f"mesh slices*data*fsdp={shards}: make it a multiple of {shards}")
+                      f"mesh {batch_axes}={shards}: make it a multiple of {shards}")
     micro = train.microbatches
     if data.global_batch_size % shards == 0 and data.global_batch_size % (micro * shards):
-        # each microbatch is split over all slices*data*fsdp devices: it must divide evenly too
+        # each microbatch is split over all the batch axes' devices: it must divide evenly too
         errors.append(f"data.global_batch_size={data.global_batch_size} is not divisible by "
-                      f"train.microbatches={micro} x mesh slices*data*fsdp={shards}: make it a "
+                      f"train.microbatches={micro} x mesh {batch_axes}={shards}: make it a "
                       f"multiple of {micro * shards} or change train.microbatches")
     if data.seq_len > cfg.max_seq_len:
         errors.append(f"data.seq_len={data.seq_len} exceeds model.max_seq_len="
                       f"{cfg.max_seq_len}: lower seq_len or raise max_seq_len")
-    try:
-        tokenizer.check_fits(data.tokenizer_vocab_size, cfg.vocab_size,
-                             "data.tokenizer_vocab_size")
-    except ValueError as e:
-        errors.append(str(e))
     if train.warmup_steps >= train.steps:
         errors.append(f"train.warmup_steps={train.warmup_steps} is not shorter than train.steps="
                       f"{train.steps}: lower warmup_steps")

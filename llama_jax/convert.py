@@ -348,7 +348,7 @@ def load_meta(src):
     cfg = ModelConfig(vocab_size=embed.shape[0], dim=meta["dim"], n_layers=meta["n_layers"],
                       n_heads=meta["n_heads"], n_kv_heads=meta.get("n_kv_heads"),
                       ffn_dim=ffn_dim, norm_eps=meta.get("norm_eps", 1e-6),
-                      rope_theta=meta.get("rope_theta", 10000.0))
+                      rope_theta=meta.get("rope_theta", 10000.0), dtype="float32")
     shapes = _linear_shapes(cfg)
     layers = []
     for i in range(cfg.n_layers):

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from llama_jax import checkpoint, ranges, train_step
+from llama_jax import checkpoint, parallel, ranges, train_step
 from llama_jax.model import Llama
 
 
@@ -178,7 +178,7 @@ def main(argv):
                                     "its model was trained with")
         tokenizer = load_tokenizer(tok_path, cfg.vocab_size)
         seq_len = fl.seq_len or (data.seq_len if fl.config else min(cfg.max_seq_len, 2048))
-        results = evaluate_sources(cfg, checkpoint.place(cfg, params), tokenizer, entries,
+        results = evaluate_sources(cfg, parallel.place(cfg, params), tokenizer, entries,
                                    data.validation_fraction, seq_len, fl.batch_size,
                                    fl.max_batches)
     except (ValueError, KeyError, OSError) as e:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from llama_jax import checkpoint, convert, ranges
+from llama_jax import checkpoint, convert, parallel, ranges
 from llama_jax.model import Llama, ModelConfig, init_cache, output_matrix
 
 
@@ -170,7 +170,7 @@ def main(argv):
         sys.exit(f"error: a prompt of {longest} tokens plus --max_new_tokens={fl.max_new_tokens}"
                  f" exceeds model.max_seq_len={cfg.max_seq_len}: shorten the prompt or lower "
                  "--max_new_tokens")
-    params = checkpoint.place(cfg, params)
+    params = parallel.place(cfg, params)
     sys.stdout.write(fl.prompt[0] if len(prompts) == 1 else "")
     outs = generate(cfg, params, prompts, fl.max_new_tokens, sampling, fl.seed,
                     tokenizer.eos_id(), stream)

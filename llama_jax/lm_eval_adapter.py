@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax import checkpoint, convert, generate as gen
+from llama_jax import checkpoint, convert, generate as gen, parallel
 from llama_jax.model import Llama
 
 try:
@@ -44,7 +44,7 @@ def _target_logprobs(params, inputs, targets, *, cfg):
 class LlamaJaxLM(LM):
     def __init__(self, workdir=None, hf=None, config=None, batch_size=8, max_length=None,
                  device=None, max_batch_size=None, **unknown):
-        del device, max_batch_size  # lm-eval passes them; placement follows checkpoint.place
+        del device, max_batch_size  # lm-eval passes them; placement follows parallel.place
         if unknown:  # a misspelt --model_args key would otherwise be a TypeError traceback
             raise ValueError(f"--model_args {sorted(unknown)} unknown: llama_jax takes workdir, "
                              "hf, config, batch_size and max_length")
@@ -62,7 +62,7 @@ class LlamaJaxLM(LM):
             raise FileNotFoundError(f"{tok_path} is missing: put the model's tokenizer.model "
                                     "or tokenizer.json beside its weights")
         self.tokenizer = load_tokenizer(tok_path, self.cfg.vocab_size)
-        self.params = checkpoint.place(self.cfg, params)
+        self.params = parallel.place(self.cfg, params)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_length = min(int(max_length or self.cfg.max_seq_len), self.cfg.max_seq_len)
 

@@ -8,26 +8,17 @@ F ffn dim, V vocab, L layers. The attention implementations live in attention.py
 """
 
 import dataclasses
-import functools
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from llama_jax.attention import ATTENTION, causal_attention, reference_attention
+from llama_jax.attention import causal_attention, reference_attention
 from llama_jax.sharding import constrain
 
-REMAT_POLICIES = {
-    "none": None,  # no rematerialisation: every activation is kept
-    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
-    # keep the linear-layer outputs, recompute the cheap elementwise work (the paper's choice)
-    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    # keep only each block's attention and MLP outputs; recompute the projections inside
-    "minimal": jax.checkpoint_policies.save_only_these_names("attn_out", "mlp_out"),
-}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # logical axes of the activations that decide the layout (sharding.py maps them)
 HIDDEN = ("batch", "length", "activation_embed")  # [B, T, D]
@@ -58,9 +49,9 @@ class ModelConfig:
     rope_original_max_seq_len: int = 8192
     tie_embeddings: bool = False  # logits use tok_embeddings.T; there is no "output" parameter
     max_seq_len: int = 2048
-    dtype: str = "float32"  # compute dtype
+    dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "float32"
-    remat: str = "dots_saveable"
+    remat: str = "dots_saveable"  # a policy in parallel.REMAT_POLICIES
     scan_layers: bool = True
     attention: str = "auto"
 
@@ -77,31 +68,17 @@ class ModelConfig:
             hidden = int(2 * 4 * self.dim / 3)
             object.__setattr__(
                 self, "ffn_dim", self.multiple_of * math.ceil(hidden / self.multiple_of))
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
-                     "max_seq_len", "head_dim"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"model.{name}={getattr(self, name)} must be positive")
+        # each field's own range is ranges.py's (its messages); checked here too, for a library
+        # user who builds a ModelConfig directly. What follows relates fields to each other.
+        from llama_jax import ranges  # ranges imports this module
+        ranges.check_model(self)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads="
                              f"{self.n_kv_heads}: pick n_kv_heads that divides n_heads")
-        if self.head_dim % 2:
-            raise ValueError(f"head dim {self.head_dim} must be even for rotary embeddings")
-        if self.rope_scaling not in ROPE_SCALING:
-            raise ValueError(f"model.rope_scaling={self.rope_scaling!r} is unknown: use one of "
-                             f"{list(ROPE_SCALING)}")
-        if self.rope_scaling != "none" and self.rope_scaling_factor < 1:
-            raise ValueError(f"model.rope_scaling_factor={self.rope_scaling_factor} must be >= 1"
-                             " (it stretches the pretrained context)")
         if self.rope_scaling == "llama3" and not (
-                0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+                self.rope_low_freq_factor < self.rope_high_freq_factor):
             raise ValueError(f"model.rope_low_freq_factor={self.rope_low_freq_factor} must be "
-                             f"positive and below rope_high_freq_factor="
-                             f"{self.rope_high_freq_factor}")
-        for name, known in (("remat", REMAT_POLICIES), ("attention", ATTENTION),
-                            ("dtype", DTYPES), ("param_dtype", DTYPES)):
-            if getattr(self, name) not in known:
-                raise ValueError(f"model.{name}={getattr(self, name)!r} is unknown: use one of "
-                                 f"{list(known)}")
+                             f"below rope_high_freq_factor={self.rope_high_freq_factor}")
 
     def num_params(self) -> int:
         d, f = self.dim, self.ffn_dim
@@ -246,46 +223,23 @@ class Block(nn.Module):
         return constrain(x, HIDDEN), kv  # (carry, per-layer output) so the same block runs under nn.scan
 
 
-def _block(cfg, layer, x, positions, segment_ids):
-    return Block(cfg).apply({"params": layer}, x, positions, segment_ids)[0]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def remat_layers(cfg, layers, x, positions, segment_ids):
-    """The scanned blocks under remat "full": the layers' stacked params [L, ...] applied in turn.
-
-    Autodiff through nn.scan + nn.remat computes the same gradients, but stacks them in a new
-    [L, ...] buffer beside the stacked weights the backward still reads. Here the backward
-    writes layer i's gradient over layer i's weights, which it no longer needs (it goes from
-    the last layer down): one stack instead of two (7B on v5p-8 at 4 sequences per chip: 13.52
-    -> 8.23 GiB of temporaries). Only each layer's input is saved, as nothing_saveable does."""
-    return _remat_layers_fwd(cfg, layers, x, positions, segment_ids)[0]  # XLA drops the inputs
-
-
-def _remat_layers_fwd(cfg, layers, x, positions, segment_ids):
-    def body(h, layer):
-        return _block(cfg, layer, h, positions, segment_ids), h
-    y, inputs = jax.lax.scan(body, x, layers)
-    return y, (layers, inputs, positions, segment_ids)
-
-
-def _remat_layers_bwd(cfg, res, dy):
-    layers, inputs, positions, segment_ids = res
-
-    def body(carry, i):
-        dh, stack = carry
-        layer = jax.tree.map(lambda s: s[i], stack)
-        _, vjp = jax.vjp(lambda w, h: _block(cfg, w, h, positions, segment_ids), layer,
-                         inputs[i])
-        dlayer, dh = vjp(dh)
-        stack = jax.tree.map(lambda s, g: jax.lax.dynamic_update_index_in_dim(s, g, i, 0),
-                             stack, dlayer)
-        return (dh, stack), None
-    (dx, grads), _ = jax.lax.scan(body, (dy, layers), jnp.arange(cfg.n_layers), reverse=True)
-    return grads, dx, None, None
-
-
-remat_layers.defvjp(_remat_layers_fwd, _remat_layers_bwd)
+def run_layers(cfg, block, x, positions, segment_ids, *extra):
+    """(x, per-layer cache) after the L blocks, run as Llama's submodules: one compiled body
+    looped L times under cfg.scan_layers (compile time does not grow with depth), else a Python
+    loop. `block` is Block, or Block inside a remat policy (parallel.layer_stack). extra: a KV
+    cache's ([L, ...] keys and values, scanned over with the layers), write index and mask."""
+    if cfg.scan_layers:
+        in_axes = (nn.broadcast,) * 2 + ((0, nn.broadcast, nn.broadcast) if extra else ())
+        layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=in_axes, length=cfg.n_layers,
+                         metadata_params={nn.PARTITION_NAME: "layers"})
+        return layers(cfg, name="layers")(x, positions, segment_ids, *extra)
+    kvs = []
+    for i in range(cfg.n_layers):
+        layer = (jax.tree.map(lambda c: c[i], extra[0]),) + extra[1:] if extra else ()
+        x, layer_kv = block(cfg, name=f"layers_{i}")(x, positions, segment_ids, *layer)
+        kvs.append(layer_kv)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *kvs) if extra else None
 
 
 def output_matrix(params, cfg: ModelConfig):
@@ -314,6 +268,9 @@ def cache_mask(cache, segment_ids):
 
 class Llama(nn.Module):
     cfg: ModelConfig
+    # how training runs the layers (parallel.layer_stack: a remat policy, remat_layers);
+    # None, and always at init and with a cache: run_layers with the plain Block
+    layer_stack: Optional[Callable] = None
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None, return_hidden=False,
@@ -341,29 +298,14 @@ class Llama(nn.Module):
         # before its matmul. Looked up in its fsdp split, the lookup's gradient had to go from
         # the batch's layout to the table's, which GSPMD does by gathering the whole batch's
         # [B, T, D] on every device once the batch is also split over data or slices (and
-        # XLA:CPU's partitioner aborts on it inside train_step.by_slice with a tensor axis)
+        # XLA:CPU's partitioner aborts on it inside parallel.by_slice with a tensor axis)
         table = constrain(embed.astype(DTYPES[cfg.dtype]), ("vocab", None))
         x = constrain(jnp.take(table, tokens, axis=0), HIDDEN)
 
-        block = Block if cfg.remat == "none" else nn.remat(
-            Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-        if cfg.scan_layers and cfg.remat == "full" and not extra and not self.is_initializing():
-            x = remat_layers(cfg, self.variables["params"]["layers"], x, positions, segment_ids)
-        elif cfg.scan_layers:
-            # One compiled layer body looped L times: compile time does not grow with depth.
-            # The cache's [L, ...] keys and values are scanned over with the layers.
-            in_axes = (nn.broadcast,) * 2 + ((0, nn.broadcast, nn.broadcast) if extra else ())
-            layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                             in_axes=in_axes, length=cfg.n_layers,
-                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, kv = layers(cfg, name="layers")(x, positions, segment_ids, *extra)
+        if self.layer_stack is not None and not extra and not self.is_initializing():
+            x = self.layer_stack(self, x, positions, segment_ids)
         else:
-            kvs = []
-            for i in range(cfg.n_layers):
-                layer = (jax.tree.map(lambda c: c[i], extra[0]),) + extra[1:] if extra else ()
-                x, layer_kv = block(cfg, name=f"layers_{i}")(x, positions, segment_ids, *layer)
-                kvs.append(layer_kv)
-            kv = jax.tree.map(lambda *a: jnp.stack(a), *kvs) if extra else None
+            x, kv = run_layers(cfg, Block, x, positions, segment_ids, *extra)
 
         x = constrain(RMSNorm(cfg, name="norm")(x), HIDDEN)  # [B, T, D], into the loss
         out = embed.T if cfg.tie_embeddings else _param(

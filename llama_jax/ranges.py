@@ -10,10 +10,11 @@ import pathlib
 import sys
 from typing import Any, Callable
 
+from llama_jax import sharding
 from llama_jax.attention import ATTENTION
-from llama_jax.data.sources import FORMATS
-from llama_jax.model import DTYPES, REMAT_POLICIES, ROPE_SCALING
-from llama_jax.sharding import RULES
+from llama_jax.data import FORMATS
+from llama_jax.model import DTYPES, ROPE_SCALING
+from llama_jax.parallel import REMAT_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +103,9 @@ CONFIG = {
     "model.multiple_of": ints(1, fix="the ffn_dim rounding when ffn_dim is None"),
     "model.norm_eps": reals(0, 1, low_open=True, fix="LLaMA uses 1e-6, Llama 2 1e-5"),
     "model.rope_theta": reals(0, low_open=True, fix="LLaMA uses 10000"),
-    "model.head_dim": ints(2, none="dim / n_heads",
-                           fix="even (rotary embeddings turn pairs); Llama 3.2 3B: 128"),
+    "model.head_dim": Check(lambda x: x is None or (_is_int(x) and x >= 2 and x % 2 == 0),
+                            "even integer >= 2 or None (dim / n_heads)",
+                            "rotary embeddings turn pairs; Llama 3.2 3B: 128"),
     "model.rope_scaling": one_of(ROPE_SCALING, "llama3 for Llama 3.1/3.2; linear stretches "
                                  "every frequency"),
     "model.rope_scaling_factor": reals(1, fix="how many times the original context; Llama 3.1: "
@@ -117,12 +119,12 @@ CONFIG = {
     "model.dtype": one_of(DTYPES), "model.param_dtype": one_of(DTYPES),
     "model.remat": one_of(REMAT_POLICIES), "model.scan_layers": boolean(),
     "model.attention": one_of(ATTENTION, "auto picks the platform's best"),
-    **{f"mesh.{axis}": Check(lambda x: _is_int(x) and (x >= 1 or x == -1),
-                             "integer >= 1, or -1 (the remaining devices; one axis at most)")
-       for axis in ("data", "fsdp", "tensor")},
-    "mesh.slices": ints(1, fix="TPU slices joined by the data-center network, data-parallel "
-                        "across them; 1 = one slice"),
-    "sharding_rules": one_of(RULES, "presets in llama_jax/sharding.py"),
+    # a DCN axis is set by the job's slice count; any ICI axis may take the remaining devices
+    **{f"mesh.{axis.name}": ints(1, fix=axis.doc) if axis.network == "dcn" else Check(
+        lambda x: _is_int(x) and (x >= 1 or x == -1),
+        "integer >= 1, or -1 (the remaining devices; one axis at most)", axis.doc)
+       for axis in sharding.AXES},
+    "sharding_rules": one_of(sharding.RULES, "presets in llama_jax/sharding.py"),
     "data.sources": Check(lambda x: len(x) > 0, "a non-empty list of source entries",
                           "add e.g. dict(name='code', builtin='code')"),
     "data.validation_fraction": reals(0, 1, low_open=True, high_open=True,
@@ -236,6 +238,16 @@ def config_problems(config):
 def check_config(config):
     """Raises one ValueError line listing every setting outside its range."""
     problems = config_problems(config)
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def check_model(cfg):
+    """Raises one ValueError line for the fields of a ModelConfig outside their range (the
+    config's model.* rows), for one built without a config (ModelConfig.__post_init__)."""
+    problems = [m for field in dataclasses.fields(cfg)
+                if (check := CONFIG.get(f"model.{field.name}")) and
+                (m := check.problem(f"model.{field.name}", getattr(cfg, field.name)))]
     if problems:
         raise ValueError("; ".join(problems))
 

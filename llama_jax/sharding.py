@@ -2,16 +2,12 @@
 rules.
 
 The model only names logical axes; this module alone decides where they live. A logical name
-missing from the chosen rule table is an error, never a silent replication.
-
-`slices` is the one axis that crosses the data-center network (DCN) between TPU slices; the
-others stay on a slice's chip interconnect (ICI). Only the batch is split over it: parameters and
-optimizer state are replicated across slices and sharded within each (ZeRO inside a slice), so
-the one thing that crosses DCN is the gradient all-reduce, once per step. Gathering weights
-over DCN every layer, as fsdp across slices would, is 10-50x slower than over ICI.
+missing from the chosen rule table is an error, never a silent replication. The mesh axes are one
+table (AXES): every other module reads their names, networks and roles from it.
 """
 
 import contextvars
+import dataclasses
 import math
 
 import jax
@@ -20,8 +16,36 @@ from flax import linen as nn
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("slices", "data", "fsdp", "tensor")
-BATCH = ("slices", "data", "fsdp")  # the batch dimension is split over every data-parallel axis
+
+@dataclasses.dataclass(frozen=True)
+class Axis:
+    name: str
+    network: str  # "dcn": crosses the data-center network between TPU slices; "ici": a slice's own
+    batch: bool  # the global batch is split over it
+    doc: str  # what it is for, as ranges.py prints it when its value is out of range
+
+
+# Mesh order is table order: the DCN axis outermost, so each slice is a contiguous block.
+AXES = (
+    # Only the batch is split over slices: parameters and optimizer state are replicated across
+    # slices and sharded within each (ZeRO inside a slice), so the one thing that crosses DCN is
+    # the gradient all-reduce, once per step. Gathering weights over DCN every layer, as fsdp
+    # across slices would, is 10-50x slower than over ICI.
+    Axis("slices", "dcn", True, "TPU slices joined by the data-center network, data-parallel "
+         "across them; 1 = one slice"),
+    Axis("data", "ici", True, "pure data parallelism: parameters replicated over it"),
+    Axis("fsdp", "ici", True, "ZeRO-3: the batch and every weight's model dim split over it"),
+    Axis("tensor", "ici", False, "Megatron tensor parallelism over heads, ffn and vocabulary "
+         "(the fsdp_tp rules)"),
+)
+MESH_AXES = tuple(a.name for a in AXES)
+BATCH = tuple(a.name for a in AXES if a.batch)  # the batch dimension is split over these
+DCN = tuple(a.name for a in AXES if a.network == "dcn")
+SLICES, DATA, FSDP, TENSOR = MESH_AXES  # for the rules below and parallel.by_slice
+# base_config's mesh, also where inference puts the parameters (parallel.place): the fsdp axis
+# takes every device, the others are 1
+DEFAULT_MESH = {**{axis: 1 for axis in MESH_AXES}, FSDP: -1}
+DEFAULT_RULES = "fsdp"  # a preset of RULES below
 
 # logical name -> mesh axis (or None: replicated). Both presets name every logical axis.
 # Parameters and activations share names where they share a layout (heads, mlp, vocab); the
@@ -33,14 +57,14 @@ RULES = {
     # ZeRO-3 style: every matrix is split over fsdp along its model dim; the rest replicated
     # (over data and slices too: no rule names them but the batch).
     "fsdp": {
-        "batch": BATCH, "embed": "fsdp", "vocab": None, "heads": None, "kv_heads": None,
+        "batch": BATCH, "embed": FSDP, "vocab": None, "heads": None, "kv_heads": None,
         "head_dim": None, "mlp": None, "norm": None, "layers": None, "length": None,
         "activation_embed": None,
     },
     # fsdp plus Megatron tensor parallelism over heads, the ffn dim and the vocabulary.
     "fsdp_tp": {
-        "batch": BATCH, "embed": "fsdp", "vocab": "tensor", "heads": "tensor",
-        "kv_heads": "tensor", "head_dim": None, "mlp": "tensor", "norm": None, "layers": None,
+        "batch": BATCH, "embed": FSDP, "vocab": TENSOR, "heads": TENSOR,
+        "kv_heads": TENSOR, "head_dim": None, "mlp": TENSOR, "norm": None, "layers": None,
         "length": None, "activation_embed": None,
     },
 }
@@ -70,25 +94,50 @@ def mesh_shape(mesh_config, num_devices):
     return tuple(sizes)
 
 
+def size_of(sizes, axes):
+    """The devices a dimension split over `axes` (a name, a tuple of names or None) is split
+    across, for sizes {axis name: size} (a mesh's shape; a missing axis is 1)."""
+    axes = (axes,) if isinstance(axes, str) else axes or ()
+    return math.prod(sizes.get(a, 1) for a in axes)
+
+
+def weight_axes(logical):
+    """The mesh axes some rule preset splits a logical parameter axis over, e.g. 'embed' ->
+    ('fsdp',), 'heads' -> ('tensor',): the sizes a model's dims must divide."""
+    found = []
+    for rules in RULES.values():
+        axes = rules[logical]
+        for axis in (axes,) if isinstance(axes, str) else axes or ():
+            if axis not in found:
+                found.append(axis)
+    return tuple(found)
+
+
 def make_mesh(mesh_config, devices=None):
     """The mesh over `devices` (default: all), also TPU compile-only devices (compile.py)."""
     devices = jax.devices() if devices is None else list(devices)
     shape = mesh_shape(mesh_config, len(devices))
+    sizes = dict(zip(MESH_AXES, shape))
+    slices = size_of(sizes, DCN)
     tpu_slices = {getattr(d, "slice_index", 0) for d in devices}
-    if len(tpu_slices) not in (1, shape[0]):
-        raise ValueError(f"the devices span {len(tpu_slices)} TPU slices but config.mesh.slices="
-                         f"{shape[0]}: set --config.mesh.slices={len(tpu_slices)}")
-    if shape[0] == 1:
+    if len(tpu_slices) not in (1, slices):
+        raise ValueError(f"the devices span {len(tpu_slices)} TPU slices but config.mesh.{SLICES}="
+                         f"{slices}: set --config.mesh.{SLICES}={len(tpu_slices)}")
+    # each slice's part of the mesh: the ICI axes, the DCN ones 1
+    ici = tuple(1 if a.network == "dcn" else sizes[a.name] for a in AXES)
+    if slices == 1:
         # topology-aware order on TPU (neighbouring chips share an fsdp group); a reshape elsewhere
         grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-    elif len(tpu_slices) == shape[0]:
-        # each slice's chips form the ICI part of the mesh, the slices stack along `slices`
-        grid = mesh_utils.create_hybrid_device_mesh((1,) + shape[1:], (shape[0], 1, 1, 1),
-                                                    devices, allow_split_physical_axes=True)
+    elif len(tpu_slices) == slices:
+        # each slice's chips form the ICI part of the mesh, the slices stack along the DCN axes
+        dcn = tuple(sizes[a.name] if a.network == "dcn" else 1 for a in AXES)
+        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
+                                                    allow_split_physical_axes=True)
     else:
-        grid = np.stack([mesh_utils.create_device_mesh(shape[1:], group,
+        within = tuple(sizes[a.name] for a in AXES if a.network == "ici")
+        grid = np.stack([mesh_utils.create_device_mesh(within, group,
                                                        allow_split_physical_axes=True)
-                         for group in fake_slices(devices, shape[0])])
+                         for group in fake_slices(devices, slices)]).reshape(shape)
     # Auto axes: XLA propagates shardings from the parameters and the batch (GSPMD).
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
@@ -176,14 +225,14 @@ def traced_under(mesh, rules_name, fn):
 
 
 def per_slice(fn):
-    """fn traced with `slices` left out of the active rules, for a function vmapped over a
-    leading slices dim with spmd_axis_name="slices": vmap adds that axis for the mapped dim,
-    so the constraints inside name the others only."""
+    """fn traced with the DCN axes left out of the active rules, for a function that runs
+    inside a shard_map manual over them (parallel.by_slice): there those axes are no longer
+    the compiler's to place, so the constraints inside name the others only."""
     def drop(axes):
-        if axes == "slices":
+        if axes in DCN:
             return None
         if isinstance(axes, tuple):
-            return tuple(a for a in axes if a != "slices") or None
+            return tuple(a for a in axes if a not in DCN) or None
         return axes
 
     def traced(*args):

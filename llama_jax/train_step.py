@@ -14,9 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from llama_jax import optim, sharding
+from llama_jax import optim, parallel, sharding
 from llama_jax.config import validate
 from llama_jax.model import DTYPES, Llama, ModelConfig, output_matrix
 
@@ -56,7 +55,7 @@ def _nll_and_grads(hidden, w_out, targets, loss_mask, chunk, grads):
         logits = (h @ w).astype(jnp.float32)  # 2-D matmuls, as model.linear explains
         lse = jax.nn.logsumexp(logits, axis=-1)
         # the target's logit by a one-hot product, not a gather: with the vocabulary split over
-        # `tensor` a gather along it made the SPMD partitioner abort inside train_step.by_slice
+        # `tensor` a gather along it made the SPMD partitioner abort inside parallel.by_slice
         onehot = jax.nn.one_hot(y, logits.shape[-1], dtype=jnp.float32)
         nll = lse - jnp.sum(logits * onehot, axis=-1)
         total = total + jnp.sum(nll * m)
@@ -128,21 +127,15 @@ def loss_fn(params, batch, model, chunk_size):
     return total / jnp.maximum(count, 1.0), count
 
 
-def train_step(state, batch, *, model, tx, schedule, chunk_size, microbatches=1,
-               microbatch_sharding=None, param_shardings=None, slices=1):
+def train_step(state, batch, *, model, tx, schedule, chunk_size, plan):
     """One optimizer step. A non-finite loss or gradient drops the update (params and optimizer
     state stay as they were) and reports finite=0; train.py decides whether to stop.
 
-    With microbatches > 1 the gradient of the same global batch is accumulated one microbatch
-    at a time (accumulated_grads), so activations are held for one microbatch only; over
-    several slices always, so that slices exchange gradients once per step and nothing else."""
-    if microbatches == 1 and slices == 1:  # one forward/backward, no scan
-        (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch, model, chunk_size)
-    else:
-        loss, count, grads = accumulated_grads(state.params, batch, model, chunk_size,
-                                               microbatches, microbatch_sharding,
-                                               param_shardings, slices)
+    The gradient comes from parallel.gradients: one forward/backward, or accumulated over
+    plan.microbatches (activations held for one microbatch only; over several slices always,
+    so that slices exchange gradients once per step and nothing else)."""
+    loss, count, grads = parallel.gradients(
+        lambda p, b: summed_loss(p, b, model, chunk_size), state.params, batch, plan)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -157,101 +150,11 @@ def train_step(state, batch, *, model, tx, schedule, chunk_size, microbatches=1,
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def split_microbatches(batch, microbatches, microbatch_sharding):
-    """[B, T] -> [N, B/N, T], row i of microbatch m being global row i*N + m.
-
-    The batch arrives split over the batch axes in contiguous blocks of rows; taking every N-th
-    row keeps each device's rows on that device (no communication) and spreads every
-    microbatch over all batch-sharded devices, instead of giving microbatch m to a few of them.
-    """
-    def split(x):
-        b = x.shape[0]
-        x = jnp.swapaxes(x.reshape(b // microbatches, microbatches, *x.shape[1:]), 0, 1)
-        return jax.lax.with_sharding_constraint(x, microbatch_sharding)
-    return jax.tree.map(split, batch)
-
-
-def by_slice(fn, slices):
-    """fn(batch) computed for each slice's rows of the batch apart: a shard_map manual over the
-    mesh's `slices` axis only, so each slice runs the one-slice program (GSPMD partitions the
-    rest as on one slice; the rules inside leave `slices` out, sharding.per_slice), and the
-    results come back stacked [slices, ...] for the caller to sum: nothing inside crosses the
-    data-center network. Identity for one slice."""
-    if slices == 1:
-        return fn
-
-    def one_slice(params, batch):
-        return jax.tree.map(lambda x: x[None], sharding.per_slice(fn)(params, batch))
-    return jax.shard_map(one_slice, in_specs=(P(), P("slices")), out_specs=P("slices"),
-                         axis_names={"slices"}, check_vma=False)
-
-
-def accumulated_grads(params, batch, model, chunk_size, microbatches, microbatch_sharding,
-                      param_shardings, slices=1):
-    """(mean loss, token count, grads) of the global batch, scanning over its microbatches.
-
-    Each microbatch contributes its summed loss and summed gradient; dividing once by the
-    total token count at the end weights every token equally, as the one-piece step does,
-    however the masked tokens fall between microbatches. The float32 accumulator is
-    constrained to the parameters' shardings, so it costs one sharded copy of the params.
-
-    Over several slices each slice accumulates its own gradient (by_slice; the accumulator has
-    a leading slices dim on the `slices` axis, still one sharded copy of the params per
-    device), summed across slices once after the last microbatch. Accumulated like the
-    parameters instead (replicated over slices), every microbatch's gradient was all-reduced
-    over DCN: 16 microbatches, 16x the bytes.
-    """
-    grads_of = by_slice(lambda p, micro: jax.value_and_grad(summed_loss, has_aux=True)(
-        p, micro, model, chunk_size), slices)
-    lead = (slices,) if slices > 1 else ()
-    if slices > 1:
-        param_shardings = jax.tree.map(
-            lambda s: NamedSharding(s.mesh, P("slices", *s.spec)), param_shardings)
-
-    def constrain(grads):
-        return jax.lax.with_sharding_constraint(grads, param_shardings)
-
-    def body(carry, micro):
-        acc, total, count = carry
-        # the params plus a zero the compiler cannot fold (a float product of the loop index):
-        # tied to the iteration, their cast to the compute dtype stays inside the loop. Hoisted
-        # out of it (libtpu does, through an optimization_barrier too), the cast copy outlives
-        # every microbatch's backward, which then cannot write the layers' gradients over it
-        # (model.remat_layers): 7B on v5p-8, 128 microbatches, 22.91 -> 19.59 GiB temporaries
-        micro, index = micro
-        zero = index.astype(jnp.float32) * 0.0
-        tied = jax.tree.map(lambda p: p + zero.astype(p.dtype), params)
-        (micro_total, micro_count), grads = grads_of(tied, micro)
-        acc = constrain(jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads))
-        return (acc, total + micro_total.sum(), count + micro_count.sum()), None
-
-    zeros = constrain(jax.tree.map(lambda p: jnp.zeros(lead + p.shape, jnp.float32), params))
-    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    (acc, total, count), _ = jax.lax.scan(
-        body, init, (split_microbatches(batch, microbatches, microbatch_sharding),
-                     jnp.arange(microbatches)))
-    acc = jax.tree.map(lambda a: a.sum(0), acc) if slices > 1 else acc  # the one sum over DCN
-    denominator = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda a, p: (a / denominator).astype(p.dtype), acc, params)
-    return total / denominator, count, grads
-
-
-def eval_step(params, batch, *, model, chunk_size, microbatches=1, microbatch_sharding=None,
-              slices=1):
-    """Summed loss and token count, so batches average exactly. With microbatches > 1 the batch
-    is evaluated one microbatch at a time, so evaluation fits wherever training does; over
-    several slices each slice evaluates its rows (by_slice)."""
-    loss_of = functools.partial(by_slice(lambda p, b: summed_loss(p, b, model, chunk_size), slices), params)
-    if microbatches == 1:
-        total, count = loss_of(batch)
-        total, count = total.sum(), count.sum()
-    else:
-        def body(carry, micro):
-            micro_total, micro_count = loss_of(micro)
-            return (carry[0] + micro_total.sum(), carry[1] + micro_count.sum()), None
-        zero = jnp.zeros((), jnp.float32)
-        (total, count), _ = jax.lax.scan(
-            body, (zero, zero), split_microbatches(batch, microbatches, microbatch_sharding))
+def eval_step(params, batch, *, model, chunk_size, plan=parallel.Plan(mesh=None)):
+    """Summed loss and token count, so batches average exactly (parallel.loss_sums: one
+    microbatch at a time, and each slice its own rows, as in training)."""
+    total, count = parallel.loss_sums(lambda p, b: summed_loss(p, b, model, chunk_size),
+                                      params, batch, plan)
     return {"loss_sum": total, "tokens": count}
 
 
@@ -283,6 +186,7 @@ class Step:
     cfg: ModelConfig  # attention resolved for the mesh's platform
     model: Llama
     mesh: jax.sharding.Mesh
+    plan: parallel.Plan  # how the batch runs on the mesh: microbatches, slices
     tx: optax.GradientTransformation
     schedule: Any
     abstract: TrainState  # ShapeDtypeStructs that carry their shardings
@@ -306,24 +210,21 @@ class Step:
 
 
 def build(config, mesh) -> Step:
-    """validate -> Llama -> optimizer -> abstract state and shardings -> jitted steps."""
+    """validate -> Llama -> optimizer -> abstract state and shardings -> plan -> jitted steps."""
     cfg = validate(config, mesh)
-    model = Llama(cfg)
+    model = Llama(cfg, layer_stack=parallel.layer_stack(cfg))
     tx, schedule = optim.make_optimizer(config.train)
     abstract, shardings = state_shardings(model, tx, mesh, config.sharding_rules,
                                           config.data.seq_len)
     chunk_size = config.train.loss_chunk_size
     rules = config.sharding_rules
-    # microbatches [N, B/N, T]: the leading axis is scanned, each one split like the batch
-    micro = dict(microbatches=config.train.microbatches,
-                 microbatch_sharding=NamedSharding(mesh, P(None, sharding.BATCH)))
-    micro["slices"] = mesh.shape["slices"]
+    plan = parallel.make_plan(mesh, config.train.microbatches, shardings.params)
     train = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                              chunk_size=chunk_size, param_shardings=shardings.params, **micro)
-    evaluate = functools.partial(eval_step, model=model, chunk_size=chunk_size, **micro)
+                              chunk_size=chunk_size, plan=plan)
+    evaluate = functools.partial(eval_step, model=model, chunk_size=chunk_size, plan=plan)
     batch_sharding = sharding.batch_sharding(mesh)  # every batch entry is [B, T] split alike
     return Step(
-        config=config, cfg=cfg, model=model, mesh=mesh, tx=tx, schedule=schedule,
+        config=config, cfg=cfg, model=model, mesh=mesh, plan=plan, tx=tx, schedule=schedule,
         abstract=abstract, shardings=shardings,
         train_step=jax.jit(sharding.traced_under(mesh, rules, train),
                            in_shardings=(shardings, batch_sharding),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from helpers import micro_config, random_batch
-from llama_jax import sharding, train as train_lib, train_step
+from llama_jax import parallel, ranges, sharding, train as train_lib, train_step
 from llama_jax.config import validate
 from llama_jax.metrics import read_metrics
 
@@ -97,7 +97,7 @@ def test_each_microbatch_is_spread_over_every_batch_device_without_moving_rows()
                                       sharding.batch_sharding(mesh))}
     micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
         None, sharding.BATCH))
-    split = jax.jit(lambda b: train_step.split_microbatches(b, n, micro_sharding))
+    split = jax.jit(lambda b: parallel.split_microbatches(b, n, micro_sharding))
     out = split(batch)["inputs"]  # [N, B/N, T]
     np.testing.assert_array_equal(out[:, :, 0], np.arange(rows).reshape(rows // n, n).T)
     had = {s.device: set(np.asarray(s.data)[:, 0].tolist())
@@ -187,7 +187,8 @@ def test_bad_microbatches_are_one_line_errors(microbatches, batch, message):
     config = micro_config()
     config.data.global_batch_size = batch
     config.train.microbatches = microbatches
-    with pytest.raises(ValueError) as raised:
+    with pytest.raises(ValueError) as raised:  # what a step builder's entry point checks
+        ranges.check_config(config)
         validate(config, make_mesh({"data": 1, "fsdp": 8, "tensor": 1}))
     assert len(str(raised.value).splitlines()) == 1
     assert re.search(message, str(raised.value)), str(raised.value)

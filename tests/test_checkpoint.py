@@ -142,8 +142,8 @@ def test_an_unfinished_save_is_never_loaded(run_copy):
 
 
 def test_skip_drops_non_finite_updates_and_keeps_the_state(run_copy, monkeypatch):
-    real = train_step.loss_fn
-    monkeypatch.setattr(train_step, "loss_fn",
+    real = train_step.summed_loss
+    monkeypatch.setattr(train_step, "summed_loss",
                         lambda *a: (lambda loss, count: (loss * jnp.nan, count))(*real(*a)))
     config = config_for(steps=6, on_nan="skip")
     train(config, run_copy)
@@ -158,8 +158,8 @@ def test_skip_drops_non_finite_updates_and_keeps_the_state(run_copy, monkeypatch
 
 
 def test_abort_names_the_steps_and_the_last_good_checkpoint(run_copy, monkeypatch):
-    real = train_step.loss_fn
-    monkeypatch.setattr(train_step, "loss_fn",
+    real = train_step.summed_loss
+    monkeypatch.setattr(train_step, "summed_loss",
                         lambda *a: (lambda loss, count: (loss * jnp.inf, count))(*real(*a)))
     with pytest.raises(FloatingPointError, match=r"at step 5 .*last good checkpoint: step 4"):
         train(config_for(steps=8), run_copy)

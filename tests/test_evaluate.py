@@ -23,7 +23,7 @@ from test_generate import params_for
 TEXTS = ["def add(a, b):\n    return a + b\n", "x = 1\n", "   \n",
          "class Point:\n    def __init__(self, x, y):\n        self.x, self.y = x, y\n"]
 CFG = ModelConfig(vocab_size=400, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
-                  max_seq_len=128, remat="none")
+                  max_seq_len=128, remat="none", dtype="float32")
 # a JSONL source: its training file and its (different) evaluation file
 NOTES_TRAIN = ["Training notes only; never evaluated.", "More training text here."]
 NOTES_EVAL = ["The café opens at nine.", "Evaluation documents are held out.\nTwo lines.",

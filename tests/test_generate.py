@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax import checkpoint, generate as gen
+from llama_jax import generate as gen, parallel
 from llama_jax.model import Llama, ModelConfig
 
 CFG = ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
-                  max_seq_len=64, remat="none")
+                  max_seq_len=64, remat="none", dtype="float32")
 PROMPTS = [[1, 5, 9, 13, 40, 2, 7], [1, 30], [1, 8, 8, 8, 8, 60, 61, 62, 63, 64, 3, 4]]
 
 
@@ -126,7 +126,7 @@ def test_stops_at_eos_per_row_and_rejects_long_prompts():
 
 def test_parameters_sharded_over_8_devices_generate_the_same_tokens():
     params = params_for(CFG)
-    placed = checkpoint.place(CFG, params)
+    placed = parallel.place(CFG, params)
     wq = placed["layers"]["attention"]["wq"]  # [L, D, H, E]: D split over fsdp
     assert len(wq.sharding.device_set) == 8 and wq.sharding.spec[1] == "fsdp"
     assert wq.addressable_shards[0].data.shape == (2, 32 // 8, 4, 8)

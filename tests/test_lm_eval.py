@@ -20,7 +20,7 @@ from llama_jax.model import Llama, ModelConfig
 from test_generate import params_for
 
 CFG = ModelConfig(vocab_size=400, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
-                  max_seq_len=128, remat="none")
+                  max_seq_len=128, remat="none", dtype="float32")
 # a small local multiple-choice task, as a harness task YAML would read it from a JSON file
 TASK = [
     {"question": "def add(a, b):\n    return", "choices": [" a + b", " a - b", " None"],

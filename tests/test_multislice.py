@@ -56,7 +56,7 @@ def test_only_gradients_cross_slices_in_the_compiled_step():
     assert set(moved["dcn_bytes"]) == {"all-reduce"}
     minimum = compile_lib.fsdp_minimum_bytes(step.cfg, dict(step.mesh.shape))
     # float32 micro model: 2 x 4 bytes x N/4 x 1/2 = N bytes; measured 1.007 N. With the
-    # batch split over slices inside the model (no train_step.by_slice), the embedding lookup's
+    # batch split over slices inside the model (no parallel.by_slice), the embedding lookup's
     # gradient gathered the whole batch's f32[8, 32, 64] over all 8 devices: this failed.
     assert 1.0 <= moved["dcn_total_bytes"] / minimum["dcn_bytes"] < 1.02
     # one slice of 8: nothing is DCN traffic
@@ -150,7 +150,7 @@ def test_two_tpu_slices_compile_and_report_dcn_apart_from_ici():
 
 
 def test_splash_attention_and_tensor_parallelism_compile_inside_each_slice():
-    """The splash kernel's shard_map nests inside train_step.by_slice's (over the context mesh,
+    """The splash kernel's shard_map nests inside parallel.by_slice's (over the context mesh,
     whose `slices` axis is manual), with fsdp_tp and 2 microbatches: measured 1.004 x the DCN
     minimum."""
     config = micro_config(vocab_size=512, dim=256, n_heads=2, n_kv_heads=2, ffn_dim=512,

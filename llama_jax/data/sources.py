@@ -16,7 +16,7 @@ with quiet.native_notices_filtered():  # TensorFlow's native start-up notices
     import tensorflow_datasets as tfds
 
 # importing stdlib_tfds registers the llama_jax_stdlib builder, so tfds= can name it
-from llama_jax.data import corpus, stdlib_tfds  # noqa: F401, E402
+from llama_jax.data import FORMATS, corpus, stdlib_tfds  # noqa: F401, E402
 
 # keys an entry may carry besides name and weight, per kind; anything else is a typo
 KINDS = {
@@ -25,7 +25,6 @@ KINDS = {
     "tfds": {"tfds", "data_dir", "split", "eval_split", "field"},
     "store": {"store"},  # a token store written by python -m llama_jax.data prepare
 }
-FORMATS = ("text", "lines", "jsonl", "parquet")  # parquet (and .zst files): prepare reads them
 
 
 def check_entry(entry) -> str:
