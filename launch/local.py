@@ -6,8 +6,10 @@
 Each child gets XLA_FLAGS (M host devices), JAX_PLATFORMS=cpu, gloo cross-process collectives
 (JAX_CPU_COLLECTIVES_IMPLEMENTATION) and LLAMA_JAX_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID,
 which llama_jax.distributed.initialize reads. Output lines are prefixed with "[i] ". When one
-child fails the others get SIGTERM, then SIGKILL after --grace_s; SIGTERM or SIGINT sent to the
-launcher is passed on to every child. The exit status is that of a failing child (0 if none).
+child fails the others get SIGTERM, then SIGKILL after --grace_s, and their stderr is no longer
+shown (it is their reaction to the failure: gRPC fatals, stale hints); the failing child's last
+`error:` line (else its last line) is printed last. SIGTERM or SIGINT sent to the launcher is
+passed on to every child. The exit status is that of the first failing child (0 if none).
 """
 
 import argparse
@@ -42,10 +44,38 @@ def child_env(index, count, devices, coordinator):
     return env
 
 
-def relay(stream, out, prefix):
-    for line in stream:
-        out.write(prefix + line)
-        out.flush()
+class Output:
+    """The children's output, relayed line by line; once one child fails, the others' stderr is
+    dropped: it is their reaction to its death (gRPC fatals) and would bury its error."""
+
+    def __init__(self, children):
+        self.children, self.first_failed = children, None
+        self.last_line = {}  # child index -> its last `error:` line, else its last line
+        self.lock = threading.Lock()
+        # set once the launcher passes a signal on: then each child's exit is expected, its
+        # output all shown, and none of them is "the" failure
+        self.told_to_stop = False
+
+    def failed(self):
+        """The index of the first child seen exiting non-zero, or None."""
+        with self.lock:
+            if self.first_failed is None and not self.told_to_stop:
+                failing = [i for i, child in enumerate(self.children)
+                           if child.poll() not in (None, 0)]
+                # of several seen at once, one that said why is the cause, not a casualty
+                failing.sort(key=lambda i: not self.last_line.get(i, "").startswith("error:"))
+                self.first_failed = failing[0] if failing else None
+            return self.first_failed
+
+    def relay(self, index, stream, out):
+        for line in stream:
+            if line.strip() and (line.startswith("error:") or
+                                 not self.last_line.get(index, "").startswith("error:")):
+                self.last_line[index] = line.rstrip("\n")
+            # polled at each line: a peer's fatals can arrive before the main loop's next look
+            if out is not sys.stderr or self.failed() in (None, index):
+                out.write(f"[{index}] {line}")
+                out.flush()
 
 
 def stop(children, grace_s):
@@ -65,8 +95,10 @@ def stop(children, grace_s):
 def launch(command, num_processes, devices_per_process, grace_s):
     coordinator = f"127.0.0.1:{free_port()}"
     children, relays = [], []
+    output = Output(children)
 
     def forward(signum, _frame):
+        output.told_to_stop = True
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
@@ -88,23 +120,26 @@ def launch(command, num_processes, devices_per_process, grace_s):
         children.append(child)
         print(f"[launch] process {index} pid {child.pid}", file=sys.stderr, flush=True)
         for stream, out in ((child.stdout, sys.stdout), (child.stderr, sys.stderr)):
-            relays.append(threading.Thread(target=relay, args=(stream, out, f"[{index}] "),
+            relays.append(threading.Thread(target=output.relay, args=(index, stream, out),
                                            daemon=True))
             relays[-1].start()
 
-    status = 0
     while [child.poll() for child in children].count(None):  # polls every child, every time
-        failed = [c for c in children if c.returncode not in (None, 0)]
-        if failed:
-            status = failed[0].returncode
-            print(f"[launch] process {children.index(failed[0])} exited with {status}: "
-                  f"stopping the others (SIGKILL after {grace_s:g} s)", file=sys.stderr)
+        first = output.failed()
+        if first is not None:
+            print(f"[launch] process {first} exited with {children[first].returncode}: "
+                  f"stopping the others (SIGKILL after {grace_s:g} s)", file=sys.stderr,
+                  flush=True)
             stop(children, grace_s)
             break
         time.sleep(0.1)
-    status = status or next((c.returncode for c in children if c.returncode), 0)
     for thread in relays:
         thread.join(timeout=5)
+    first = output.failed()
+    if first is not None and first in output.last_line:  # where the terminal's last line is read
+        print(f"[{first}] {output.last_line[first]}", file=sys.stderr, flush=True)
+    status = children[first].returncode if first is not None else next(
+        (c.returncode for c in children if c.returncode), 0)
     # a child killed by signal N has returncode -N; report it the way a shell does
     return status if status >= 0 else 128 - status
 

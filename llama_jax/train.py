@@ -7,10 +7,14 @@ checkpoint.
 """
 
 import contextlib
-import functools
+import os
 import pathlib
+import shlex
 import shutil
 import signal
+import socket
+import sys
+import threading
 import time
 import traceback
 
@@ -19,14 +23,25 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from llama_jax import checkpoint, distributed, goodput, ranges, sharding, spikes, train_step
+from llama_jax import (checkpoint, distributed, goodput, lock, ranges, sharding, spikes,
+                       train_step)
 from llama_jax.config import model_config
 from llama_jax.data import pipeline, store, tokenizer as tokenizer_lib
 from llama_jax.metrics import MetricsWriter, Throughput, truncate_metrics
 
 
 class Preempted(SystemExit):
-    """Raised after the preemption checkpoint is committed; exits non-zero."""
+    """Raised once a stopped run's checkpoint is committed; exits 1 after SIGTERM (a scheduler
+    requeues the job), 130 after Ctrl-C (as a shell reports SIGINT; see main)."""
+
+    def __init__(self, step, directory, interrupted):
+        self.interrupted = interrupted
+        if interrupted:
+            super().__init__(f"interrupted at step {step}: checkpoint saved in {directory}; "
+                             f"to resume, rerun {_rerun_command()}")
+        else:
+            super().__init__(f"preempted at step {step}: checkpoint saved in {directory}; "
+                             "rerun the same command to resume")
 
 
 def validation_loss(eval_step, params, dataset, mesh, num_batches):
@@ -50,6 +65,8 @@ def check_workdir(workdir, abstract_state):
     workdir.mkdir(parents=True, exist_ok=True)
     probe = workdir / f".write_probe_{jax.process_index()}"
     try:
+        if jax.process_index() == 0:  # one lock for the job: process 0 writes the shared files
+            lock.acquire(workdir)
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -63,9 +80,9 @@ def check_workdir(workdir, abstract_state):
                       f"needs about {need / 2**30:.2f} GiB: free space or use another disk")
 
 
-def start_state(step, config, ckpt, meta, train_data, tokenizer):
-    """(state, train data iterator, the checkpoint's meta or {}): the latest checkpoint
-    restored, else a fresh init (optionally with another run's params, config.init_from)."""
+def start_state(step, config, ckpt, meta, train_data):
+    """(state, the checkpoint's meta or {}): the latest checkpoint restored (with train_data's
+    position), else a fresh init (optionally with another run's params, config.init_from)."""
     latest = ckpt.latest_step()
     if ckpt.uncommitted():
         logging.warning("ignoring unfinished checkpoint saves %s", ckpt.uncommitted())
@@ -74,25 +91,17 @@ def start_state(step, config, ckpt, meta, train_data, tokenizer):
         if config.init_from:
             state = state.replace(params=checkpoint.restore_params(config.init_from,
                                                                    step.abstract))
-        return state, train_data, {}
+        return state, {}
     if latest > config.train.steps:
         raise checkpoint.CheckpointError(
             f"the latest checkpoint in {ckpt.mngr.directory} is step {latest}, past "
             f"train.steps={config.train.steps}: raise train.steps to train on, or use a new "
             "--workdir")
     saved_meta = ckpt.check_compatible(latest, step.abstract.params, meta)
-    saved_shards = saved_meta["data_shards"]
-    if callable(train_data):  # a token store: the checkpoint's step is the data position
-        state = ckpt.restore(latest, step.abstract)
-    elif saved_shards != meta["data_shards"]:  # no saved iterator state fits these shards
-        train_data = pipeline.restarted_stream(config.data, tokenizer, saved_shards, latest)
-        state = ckpt.restore(latest, step.abstract)
-    else:
-        state = ckpt.restore(latest, step.abstract, train_data)
-    if jax.process_index() == 0:
-        truncate_metrics(ckpt.workdir / "metrics.jsonl", latest)
+    state = ckpt.restore(latest, step.abstract,
+                         train_data.resume(saved_meta["data_shards"], latest))
     logging.info("resumed from step %d in %s", latest, ckpt.mngr.directory)
-    return state, train_data, saved_meta
+    return state, saved_meta
 
 
 def train(config, workdir):
@@ -102,25 +111,23 @@ def train(config, workdir):
     data, tc = config.data, config.train
 
     # Phase 1: mesh, validated settings, model, optimizer, abstract state (no memory used yet).
-    # every key in its range before the mesh is built (validate() repeats it for the other
-    # entry points that build a step)
+    # every key in its range before the mesh is built; build() checks how they relate
     ranges.check_config(config)
     ranges.check_sources(config.data)
     step = train_step.build(config, sharding.make_mesh(config.mesh))
     logging.info("mesh %s over %d devices; model %s, %.1fM parameters", dict(step.mesh.shape),
                  step.mesh.size, step.cfg, step.cfg.num_params() / 1e6)
     check_workdir(workdir, step.abstract)
-    if jax.process_index() == 0:  # as configured, not resolved: the workdir loads anywhere
-        checkpoint.write_model(workdir, model_config(config))
 
     # Phase 2: tokenizer and data, each process reading its own data shards.
     tokenizer = tokenizer_lib.shared_tokenizer(workdir, data, step.cfg.vocab_size)
-    if store.store_run(data):  # step -> batches from that step's data position (Run.batches)
-        train_data = functools.partial(store.train_batches, data, tokenizer,
-                                       sharding.batch_sharding(step.mesh))
+    if jax.process_index() == 0:  # as configured, not resolved: the workdir loads anywhere
+        checkpoint.write_model(workdir, model_config(config))
+    if store.store_run(data):  # a step's batch is read at its data position
+        train_data = store.TrainData(data, tokenizer, sharding.batch_sharding(step.mesh))
         eval_data = store.eval_batches(data, tokenizer, sharding.batch_sharding(step.mesh))
     else:  # an iterator (not the dataset) so its position can be saved with checkpoints
-        train_data = pipeline.ShardedIterator(pipeline.process_datasets("train", data, tokenizer))
+        train_data = pipeline.TrainStream(data, tokenizer)
         eval_data = pipeline.concat_shards(pipeline.process_datasets("validation", data,
                                                                      tokenizer))
 
@@ -134,30 +141,37 @@ def train(config, workdir):
     lead = jax.process_index() == 0
     clock = goodput.Goodput(workdir, enabled=lead, start=start)
     restore_start = time.time()
-    state, train_data, saved_meta = start_state(step, config, ckpt, meta, train_data, tokenizer)
+    state, saved_meta = start_state(step, config, ckpt, meta, train_data)
     # a fresh init (its compile included) is start-up; a restore is checkpoint time
     clock.add("checkpoint_restore" if saved_meta else "startup", time.time() - restore_start)
     clock.resumed(int(state.step))
+    # an earlier session's records past the restored step are redone by this one (on a fresh
+    # start all of them, step 0's evaluation included), so each step is in the log once
+    if lead:
+        truncate_metrics(workdir / "metrics.jsonl", int(state.step) if saved_meta else -1)
 
     # Phase 4: the loop.
     writer = MetricsWriter(workdir, enabled=lead, total_steps=tc.steps, config_text=str(config))
     run = Run(step, config, ckpt, meta, writer, train_data, eval_data, int(state.step), clock,
               saved_meta.get("loss_window", ()))
     clock.add("startup", time.time() - start - clock.session_seconds())
-    try:
-        with sigterm_flag() as sigterm:
-            run.loop(state, sigterm)
-    finally:
-        with clock.timed("checkpoint_save"):
-            ckpt.close()  # waits for the last async save and raises its error, if any
-        totals = clock.totals()
-        writer.write(run.summary["steps"], {k: v for k, v in totals.items() if k != "sessions"},
-                     prefix="goodput")
-        writer.close()
-        clock.write()
-        run.summary.update(wall_s=time.time() - start, checkpoint=str(ckpt.mngr.directory),
-                           last_saved=ckpt.latest_step(), goodput=totals)
-        logging.info("%s", describe(run.summary, data.global_batch_size * data.seq_len))
+    # the wrap-up below is inside the handlers too: a Ctrl-C while it waits for the last save
+    # is a second Ctrl-C, not a KeyboardInterrupt
+    with stop_signals() as stop:
+        try:
+            run.loop(state, stop)
+        finally:
+            with clock.timed("checkpoint_save"):
+                ckpt.close()  # waits for the last async save and raises its error, if any
+            totals = clock.totals()
+            writer.write(run.summary["steps"],
+                         {k: v for k, v in totals.items() if k != "sessions"}, prefix="goodput")
+            writer.close()
+            clock.write()
+            run.summary.update(wall_s=time.time() - start, checkpoint=str(ckpt.mngr.directory),
+                               last_saved=ckpt.latest_step(), goodput=totals)
+            logging.info("%s", describe(run.summary, data.global_batch_size * data.seq_len))
+            lock.release()  # after the last save is committed
     return run.summary
 
 
@@ -168,9 +182,8 @@ class Run:
     def __init__(self, step, config, ckpt, meta, writer, train_data, eval_data, first_step,
                  clock, loss_window=()):
         self.step, self.config, self.ckpt, self.meta = step, config, ckpt, meta
+        # store.TrainData or pipeline.TrainStream
         self.writer, self.train_data, self.eval_data = writer, train_data, eval_data
-        # what a checkpoint saves of the data: nothing for a store (its step is its position)
-        self.data_state = None if callable(train_data) else train_data
         self.clock = clock  # goodput: where this session's time goes
         self.skips = spikes.SkipRecord(ckpt.workdir, enabled=jax.process_index() == 0)
         # the spike detector's window is part of each checkpoint, so a resume sees the same
@@ -204,18 +217,14 @@ class Run:
     def batches(self, first_step):
         """Global batches for the steps after first_step, the skipped windows left out: a
         store's batch is read at the step's data position, an iterator's are read and dropped."""
-        windows = self.skips.windows
-        if callable(self.train_data):
-            source = self.train_data(first_step + 1, lambda s: spikes.batch_of_step(s, windows))
-        else:
-            source = spikes.skipping(self.train_data, windows, first_step)
-        return pipeline.global_batches(source, sharding.batch_sharding(self.step.mesh))
+        return pipeline.global_batches(self.train_data.batches(first_step, self.skips.windows),
+                                       sharding.batch_sharding(self.step.mesh))
 
     def save(self, n, state):
         self.saved_windows[n] = self.detector.state()
         with self.clock.timed("checkpoint_save"):
             self.ckpt.save(n, state, {**self.meta, "loss_window": self.saved_windows[n]},
-                           self.data_state)
+                           self.train_data.state())
 
     def rewind(self, n, loss, done):
         """After a spike at step n: the last committed checkpoint's state and loss window, its
@@ -236,7 +245,7 @@ class Run:
         self.skips.add(event)  # on disk before anything else: a restart skips them too
         self.clock.rewound(n - back, done[n] - done[back])
         with self.clock.timed("checkpoint_restore"):
-            state = self.ckpt.restore(back, self.step.abstract, self.data_state)
+            state = self.ckpt.restore(back, self.step.abstract, self.train_data.state())
         self.detector = spikes.Detector(tc.spike_factor, tc.spike_window, self.saved_windows[back])
         if jax.process_index() == 0:
             truncate_metrics(self.ckpt.workdir / "metrics.jsonl", back)
@@ -308,8 +317,7 @@ class Run:
                     self.save(n, state)
                 with clock.timed("checkpoint_save"):
                     ckpt.wait()
-                raise Preempted(f"preempted at step {n}: checkpoint saved in "
-                                f"{ckpt.mngr.directory}; rerun the same command to resume")
+                raise Preempted(n, ckpt.mngr.directory, signal.SIGINT in sigterm)
 
 
 class Profile:
@@ -330,18 +338,48 @@ class Profile:
 
 
 @contextlib.contextmanager
-def sigterm_flag():
-    """A list that gets an entry on SIGTERM. With several processes JAX's preemption service
-    catches SIGTERM instead (see _preempted), so no handler is installed then."""
+def stop_signals():
+    """A list that gets the signal when the run is told to stop, SIGTERM or a first Ctrl-C
+    (SIGINT): the loop then saves the step it is on and raises Preempted. A second Ctrl-C exits
+    at once; the save it cuts short is an Orbax tmp directory, never loaded (checkpoint.py).
+    A thread reads the signals from Python's wakeup fd, so both answer at once even while the
+    main thread is in a long compile or step. With several processes JAX's preemption service
+    owns SIGTERM (see _preempted), and a Ctrl-C is passed on to it as one."""
     received = []
-    if jax.process_count() > 1:
-        yield received
-        return
-    previous = signal.signal(signal.SIGTERM, lambda *_: received.append(time.time()))
+    several = jax.process_count() > 1
+    handled = {signal.SIGINT} if several else {signal.SIGINT, signal.SIGTERM}
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)  # the C-level handler must never block on it
+
+    def watch():
+        while data := reader.recv(16):  # b"" once the writer is closed on exit
+            for signum in (s for s in data if s in handled):  # two Ctrl-C may come as one read
+                if signum == signal.SIGINT and signal.SIGINT in received:
+                    print("interrupted again: exiting now; the last committed checkpoint is kept",
+                          file=sys.stderr, flush=True)
+                    lock.release()
+                    os._exit(130)
+                received.append(signum)
+                if signum == signal.SIGINT:
+                    print("\n" * sys.stderr.isatty()  # off the progress line, if any
+                          + "Ctrl-C: saving a checkpoint after this step, then exiting "
+                          "(Ctrl-C again to exit now)", file=sys.stderr, flush=True)
+                    if several:
+                        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = {s: signal.signal(s, lambda *_: None) for s in handled}  # no KeyboardInterrupt
+    previous_fd = signal.set_wakeup_fd(writer.fileno())
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     try:
         yield received
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.set_wakeup_fd(previous_fd)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        writer.close()
+        watcher.join()
+        reader.close()
 
 
 def describe(summary, tokens_per_step):
@@ -360,11 +398,21 @@ def describe(summary, tokens_per_step):
             + (f" {goodput.describe(summary['goodput'])}." if "goodput" in summary else ""))
 
 
-def _preempted(step, sigterm):
+def _preempted(step, stop):
     """True on every process at the same step once any of them was told to stop."""
     if jax.process_count() > 1:
         return multihost_utils.reached_preemption_sync_point(step)
-    return bool(sigterm)
+    return bool(stop)
+
+
+def _rerun_command():
+    """This program's command line, to paste (a multi-process job is rerun by its launcher)."""
+    if jax.process_count() > 1:
+        return "the same command"
+    program = sys.argv[0]  # `llama_jax train` when started through the console command
+    if program.endswith("train.py"):  # python -m llama_jax.train
+        program = f"{shlex.quote(sys.executable)} -m llama_jax.train"
+    return " ".join([program, *map(shlex.quote, sys.argv[1:])])
 
 
 def define_flags():
@@ -382,8 +430,17 @@ def main(argv):
         raise app.UsageError("--config and --workdir are both required, e.g. "
                              "--config=configs/tiny.py --workdir=runs/tiny")
     try:
-        distributed.initialize_from_flags()  # before anything touches a device
-        train(flags.FLAGS.config, flags.FLAGS.workdir)
+        try:
+            distributed.initialize_from_flags()  # before anything touches a device
+            train(flags.FLAGS.config, flags.FLAGS.workdir)
+        finally:
+            lock.release()  # also when train() failed before its loop; before any os._exit
+    except Preempted as e:
+        print(e.code, file=sys.stderr, flush=True)
+        sys.exit(130 if e.interrupted else 1)
+    except KeyboardInterrupt:  # a Ctrl-C before the loop: there is nothing to save yet
+        print("interrupted before the first step: nothing to save", file=sys.stderr, flush=True)
+        sys.exit(130)
     except (ValueError, KeyError, OSError, FloatingPointError) as e:
         # a known failure is one line that says the fix, not a traceback wall
         distributed.exit_failed(f"error: {e}")

@@ -113,3 +113,27 @@ def test_gke_with_slices_runs_one_job_per_slice_with_the_multislice_environment(
                                     f"--workdir={BUCKET_WORKDIR}", "--dry-run").split("+ kubectl")[0])
     assert single["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"][
         "containers"][0]["env"] == []
+
+
+def test_local_launcher_silences_the_others_and_ends_on_the_failing_process_error(tmp_path):
+    # process 1 stands in for a JAX peer: when stopped it prints what the coordination
+    # service's fatals look like; process 0 fails once process 1 is ready
+    ready = tmp_path / "ready"
+    script = (
+        "import os, pathlib, signal, sys, time; i = os.environ['LLAMA_JAX_PROCESS_ID']; "
+        f"ready = pathlib.Path({str(ready)!r})\n"
+        "if i == '1':\n"
+        "    signal.signal(signal.SIGTERM, lambda *_: (print('F0000 fatal spew', file=sys.stderr,"
+        " flush=True), sys.exit(1)))\n"
+        "    print('peer up', flush=True); ready.touch(); time.sleep(60)\n"
+        "while not ready.exists(): time.sleep(0.05)\n"
+        "print('error: the run failed: fix it', file=sys.stderr); sys.exit(2)\n")
+    done = subprocess.run([sys.executable, str(ROOT / "launch" / "local.py"), "-n=2",
+                           "--grace_s=5", "--", sys.executable, "-c", script], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "[1] peer up" in done.stdout  # relayed while nothing had failed
+    assert "spew" not in done.stdout + done.stderr
+    lines = done.stderr.splitlines()
+    assert "[launch] process 0 exited with 2: stopping the others" in done.stderr
+    assert lines[-1] == "[0] error: the run failed: fix it"

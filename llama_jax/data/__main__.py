@@ -9,6 +9,7 @@ document length); with store= sources, the rows of one process of --processes:
 """
 
 import json
+import sys
 import time
 
 import numpy as np
@@ -65,18 +66,34 @@ def store_batches(config, sp, processes):
             for s in range(1, 2**62))
 
 
-def run_prepare(config, fl):
+def run_prepare(config, config_path, fl):
+    """The prepare command; an expected failure exits with one line that says the fix."""
+    try:
+        _prepare(config, config_path, fl)
+    except (ValueError, OSError, pipeline.tf.errors.OpError) as e:
+        # a worker's error arrives with the worker's traceback attached: the message is enough
+        message = e.message if isinstance(e, pipeline.tf.errors.OpError) else str(e)
+        sys.exit("error: " + " ".join(message.splitlines()))
+
+
+def _prepare(config, config_path, fl):
     from llama_jax.data import prepare
     path = fl.tokenizer or config.data.tokenizer_path
     if not path or fl.output is None:
-        raise app.UsageError("prepare needs --output and --tokenizer (or data.tokenizer_path)")
-    sp = tokenizer.load_tokenizer(path, config.model.vocab_size)
+        raise ValueError("prepare needs --output=DIR and --tokenizer=FILE.model (or "
+                         f"data.tokenizer_path in {config_path})")
+    names = [e.get("name") for e in config.data.sources]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"{config_path}: data.sources has more than one source named "
+                         f"{twice[0]!r}: give each its own name= (prepare writes OUTPUT/NAME)")
     entries = [dict(e) for e in config.data.sources
                if not fl.sources or e["name"] in fl.sources]
     unknown = set(fl.sources) - {e["name"] for e in entries}
     if unknown or not entries:
-        raise app.UsageError(f"--sources names {sorted(unknown) or fl.sources} are not in "
-                             "data.sources")
+        raise ValueError(f"--sources names {sorted(unknown) or fl.sources} are not in "
+                         f"data.sources of {config_path} (it has {names})")
+    sp = tokenizer.load_tokenizer(path, config.model.vocab_size)
     model_bytes = sp.path.read_bytes()
     for summary in prepare.prepare(entries, fl.output, (model_bytes, path, sp.vocab_size()),
                                    fl.workers, config.data.validation_fraction):
@@ -86,7 +103,7 @@ def run_prepare(config, fl):
 def main(argv):
     fl = flags.FLAGS
     if argv[1:] == ["prepare"] and fl.config is not None:
-        return run_prepare(fl.config, fl)
+        return run_prepare(fl.config, config_flags.get_config_filename(fl["config"]), fl)
     if len(argv) > 1 or fl.config is None or fl.workdir is None:
         raise app.UsageError("usage: python -m llama_jax.data --config=C --workdir=DIR "
                              "[--batches=N] | prepare --config=C --output=DIR [--tokenizer=T]")

@@ -227,6 +227,35 @@ def restarted_stream(data_config, tokenizer, saved_shards, step):
     return ShardedIterator(process_datasets("train", reseeded, tokenizer))
 
 
+class TrainStream:
+    """The tf.data training input as train.py reads it (a store's is store.TrainData): this
+    process's shards through one ShardedIterator, whose position a checkpoint saves."""
+
+    def __init__(self, data_config, tokenizer):
+        self._data_config, self._tokenizer = data_config, tokenizer
+        self._iterator = ShardedIterator(process_datasets("train", data_config, tokenizer))
+
+    def batches(self, first_step, windows):
+        """The batches of the steps after first_step from the iterator, which has yielded the
+        batches up to first_step's; those in the data windows a loss-spike rewind skipped
+        (spikes.py) are read and dropped."""
+        from llama_jax import spikes
+        return spikes.skipping(self._iterator, windows, first_step)
+
+    def state(self):
+        return self._iterator  # saved beside each checkpoint (checkpoint.Checkpointer.save)
+
+    def resume(self, saved_shards, step):
+        """What a checkpoint's saved data state is restored into: the iterator, or None when the
+        checkpoint was written with another shard count, whose saved state fits no shard here;
+        the stream then restarts (restarted_stream)."""
+        shards = process_shards(self._data_config, jax.process_index(), jax.process_count())[1]
+        if saved_shards == shards:
+            return self._iterator
+        self._iterator = restarted_stream(self._data_config, self._tokenizer, saved_shards, step)
+        return None
+
+
 def concat_shards(datasets):
     """One dataset whose batches are the shards' batches side by side (in shard order)."""
     if len(datasets) == 1:

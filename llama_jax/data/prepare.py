@@ -1,7 +1,7 @@
 """Writes token stores (llama_jax/data/store.py): a source's documents, tokenized in parallel
 worker processes, one shard per unit of work (an input file, or a slice of the built-in corpus
 or a TFDS split). The plan of units is saved first, so a killed prepare reruns only the units
-whose shard never got its .json.
+whose shard never got its .json (and any whose files no longer match it).
 """
 
 import contextlib
@@ -13,8 +13,10 @@ import multiprocessing
 import os
 import time
 import types
+import zlib
 
 import numpy as np
+from absl import logging
 
 from llama_jax import quiet
 
@@ -76,24 +78,75 @@ class _GFileStream(io.RawIOBase):
         super().close()
 
 
+class _ZstdStream(io.RawIOBase):
+    """A .zst file decompressed frame after frame. zstandard's stream_reader returns a truncated
+    frame's output without a word, which would make a shorter store; here an input that ends
+    inside a frame raises EOFError."""
+
+    def __init__(self, raw):
+        import zstandard
+        self._raw, self._decompressor = raw, zstandard.ZstdDecompressor()
+        self._frame, self._out, self._zstd_error = None, b"", zstandard.ZstdError
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        while not self._out:
+            data = self._raw.read(2**20)
+            if not data:
+                if self._frame is not None and not self._frame.eof:
+                    raise EOFError("the file ends inside a zstd frame")
+                return 0
+            while data:  # a chunk may end one frame and start the next
+                if self._frame is None or self._frame.eof:
+                    self._frame = self._decompressor.decompressobj()
+                try:
+                    self._out += self._frame.decompress(data)
+                except self._zstd_error as e:
+                    raise OSError(f"zstd: {e}") from None
+                data = self._frame.unused_data if self._frame.eof else b""
+        size = min(len(buffer), len(self._out))
+        buffer[:size], self._out = self._out[:size], self._out[size:]
+        return size
+
+    def close(self):
+        self._raw.close()
+        super().close()
+
+
 def _open_bytes(path):
     """A binary stream of the file's contents, .gz and .zst decompressed on the fly."""
     raw = io.BufferedReader(_GFileStream(path), 2**20)
     if path.endswith(".gz"):
         return gzip.GzipFile(fileobj=raw)
     if path.endswith(".zst"):
-        import zstandard
-        return zstandard.ZstdDecompressor().stream_reader(raw)
+        return io.BufferedReader(_ZstdStream(raw), 2**20)
     return raw
 
 
 def file_documents(entry, path):
-    """The documents of one input file, in file order."""
+    """The documents of one input file, in file order; a file that cannot be read whole is a
+    one-line error naming it (never a shorter store)."""
+    name = entry["name"]
+    try:
+        yield from _file_documents(entry, path)
+    except (EOFError, OSError, zlib.error) as e:  # gzip, zstd: truncated or not compressed
+        raise ValueError(f"source {name!r}: {path} is truncated or corrupt ({e}): download or "
+                         "compress it again, or remove it from files=") from None
+
+
+def _file_documents(entry, path):
     fmt, field, name = entry.get("format", "text"), entry.get("field", "text"), entry["name"]
     if fmt == "parquet":
+        import pyarrow
         import pyarrow.parquet as pq
         with tf.io.gfile.GFile(path, "rb") as f:
-            table = pq.read_table(io.BytesIO(f.read()))
+            try:
+                table = pq.read_table(io.BytesIO(f.read()))
+            except pyarrow.ArrowException as e:
+                raise ValueError(f"source {name!r}: {path} is not a readable Parquet file ({e})"
+                                 ": write it again, or set format= to what it holds") from None
         if field not in table.column_names:
             raise ValueError(f"source {name!r}: {path} has no column {field!r} (it has "
                              f"{table.column_names}): set field=")
@@ -107,11 +160,19 @@ def file_documents(entry, path):
             if fmt == "lines" or not line.strip():
                 yield line.rstrip("\n")
                 continue
-            text = json.loads(line).get(field)
-            if not isinstance(text, str):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"source {name!r}: {path} line {number} is not JSON ({e.msg}): "
+                                 "use format='lines' or 'text' for plain text") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"source {name!r}: {path} line {number} is a JSON "
+                                 f"{type(record).__name__}, not an object: format='jsonl' "
+                                 f"reads one object a line, its text in field {field!r}")
+            if not isinstance(record.get(field), str):
                 raise ValueError(f"source {name!r}: {path} line {number} has no string field "
                                  f"{field!r}: set field= to the key that holds the text")
-            yield text
+            yield record[field]
 
 
 def unit_documents(entry, unit, texts):
@@ -162,24 +223,58 @@ def tokenize_unit(task):
     return os.getpid(), record, time.time() - start
 
 
+def _read_json(path):
+    with tf.io.gfile.GFile(path, "rb") as f:
+        try:
+            return json.loads(f.read())
+        except json.JSONDecodeError:
+            raise ValueError(f"{path} is not JSON (damaged): delete its directory and rerun "
+                             "prepare") from None
+
+
 def _plan(entry, split, directory, tokenizer_id, validation_fraction):
     """The units of this split: those saved by an earlier (maybe killed) prepare of the same
     source and tokenizer, else a new plan, saved before any shard is written."""
     path = f"{directory}/plan.json"
-    if tf.io.gfile.exists(path):
-        with tf.io.gfile.GFile(path, "rb") as f:
-            saved = json.loads(f.read())
-        if saved["source"] != entry or saved["tokenizer"] != tokenizer_id:
+    for written in (path, f"{directory}/manifest.json"):  # a store without its plan counts too
+        if not tf.io.gfile.exists(written):
+            continue
+        saved = _read_json(written)
+        if saved.get("source") != entry or saved.get("tokenizer") != tokenizer_id:
             raise ValueError(f"{directory} was prepared from another source or tokenizer "
-                             f"({saved['source']}, {saved['tokenizer']}): use another --output "
-                             "or delete it")
-        return saved["units"]
+                             f"({written} holds {saved.get('source')}, tokenizer "
+                             f"{saved.get('tokenizer')}): use another --output or delete it")
+        if written == path:
+            return saved["units"]
     units = plan_units(entry, split, validation_fraction)
     if units:
         tf.io.gfile.makedirs(directory)
         store.write_atomic(path, json.dumps({"source": entry, "tokenizer": tokenizer_id,
                                              "units": units}).encode())
     return units
+
+
+def _shards_to_write(directory, count, dtype):
+    """The shards without a .json (never written, or killed), and finished ones whose files no
+    longer match their .json (truncated, overwritten): the reader refuses those, so they are
+    redone rather than trusted."""
+    todo = []
+    for index in range(count):
+        record, damage = store.check_done_shard(directory, index, dtype)
+        if damage:
+            logging.warning("redoing %s/%s: %s", directory, store.shard_name(index), damage)
+        if record is None:
+            todo.append(index)
+    return todo
+
+
+def _inputs(entry, split):
+    """What a split reads, for a message."""
+    if "files" in entry:
+        return entry["files"] if split == "train" else entry.get("eval_files")
+    if "tfds" in entry:
+        return f"TFDS {entry['tfds']}"
+    return f"the built-in {entry['builtin']} corpus"
 
 
 def prepare_split(pool, entry, split, directory, tokenizer, validation_fraction):
@@ -193,13 +288,19 @@ def prepare_split(pool, entry, split, directory, tokenizer, validation_fraction)
     if not units:
         return None
     dtype = store.token_dtype(vocab_size)
-    todo = [i for i in range(len(units)) if store.read_done_shard(directory, i) is None]
+    todo = _shards_to_write(directory, len(units), dtype)
     busy, counted = {}, {}
     tasks = [(entry, units[i], _unit_texts(units[i]), directory, i, dtype) for i in todo]
     for pid, record, seconds in pool.imap_unordered(tokenize_unit, tasks):
         busy[pid] = busy.get(pid, 0.0) + seconds
         counted[pid] = counted.get(pid, 0) + record["tokens"]
     shards = [store.read_done_shard(directory, i) for i in range(len(units))]
+    if not sum(s["documents"] for s in shards):  # the reader refuses a store of no tokens
+        for index in range(len(units)):  # unfinished again: a rerun reads the inputs anew
+            tf.io.gfile.remove(f"{directory}/{store.shard_name(index)}.json")
+        raise ValueError(f"source {entry['name']!r}: {_inputs(entry, split)} holds no "
+                         f"documents for the {split} split (empty or blank): give it text or "
+                         "remove the source")
     manifest = {
         "format_version": store.FORMAT_VERSION, "source": entry, "split": split,
         "tokenizer": tokenizer_id, "tokenizer_path": tokenizer_path,
@@ -219,8 +320,27 @@ def prepare_split(pool, entry, split, directory, tokenizer, validation_fraction)
                                               for p in busy)}
 
 
+def check_output(output):
+    """Refuses an output that is not (or cannot become) a directory of stores, before anything
+    is written into it."""
+    if tf.io.gfile.exists(output) and not tf.io.gfile.isdir(output):
+        raise ValueError(f"--output {output} is a file: give a directory (prepare writes "
+                         "OUTPUT/NAME/train/)")
+    for marker in ("checkpoints", "model.json", "metrics.jsonl"):
+        if tf.io.gfile.exists(f"{output}/{marker}"):
+            raise ValueError(f"--output {output} is a training workdir (it holds {marker}): "
+                             "give prepare a directory of its own, e.g. runs/stores")
+    for marker in ("plan.json", "manifest.json", "train/plan.json", "train/manifest.json"):
+        if tf.io.gfile.exists(f"{output}/{marker}"):
+            raise ValueError(f"--output {output} is one source's store (it holds {marker}): "
+                             "give the directory that holds the stores (prepare writes "
+                             "OUTPUT/NAME/train/)")
+
+
 def prepare(entries, output, tokenizer, workers, validation_fraction):
     """Prepares each entry into OUTPUT/NAME/{train,validation}; yields one summary a split."""
+    output = output.rstrip("/")
+    check_output(output)
     if workers == 0:  # in this process: no start-up cost, for small sources
         _init_worker(tokenizer[1], tokenizer[2])
         pool = contextlib.nullcontext(types.SimpleNamespace(imap_unordered=map))
@@ -231,7 +351,7 @@ def prepare(entries, output, tokenizer, workers, validation_fraction):
     with pool as pool:
         for entry in entries:
             for split in ("train", "validation"):
-                directory = f"{output.rstrip('/')}/{entry['name']}/{split}"
+                directory = f"{output}/{entry['name']}/{split}"
                 summary = prepare_split(pool, dict(entry), split, directory, tokenizer,
                                         validation_fraction)
                 if summary is not None:

@@ -72,22 +72,42 @@ def read_done_shard(directory, index):
         return json.loads(f.read())
 
 
+def check_done_shard(directory, index, dtype):
+    """(record, None) for a finished shard whose files are the ones its .json records,
+    (None, None) for a shard never finished, (None, what is wrong) for one damaged since:
+    prepare redoes a damaged shard rather than trusting its .json."""
+    try:
+        record = read_done_shard(directory, index)
+    except json.JSONDecodeError:  # a .json is renamed into place whole: this one was altered
+        return None, f"{directory}/{shard_name(index)}.json is not JSON"
+    if record is None:
+        return None, None
+    base = f"{directory}/{record['name']}"
+    for path, size, sha256, file_dtype in (
+            (base + ".tokens", record["tokens"] * np.dtype(dtype).itemsize, record["sha256"],
+             dtype),
+            (base + ".index", 8 * record["documents"], record["index_sha256"], np.int64)):
+        problem = _verified(path, size, sha256, file_dtype)[1]
+        if problem:
+            return None, f"{path} {problem}"
+    return record, None
+
+
 class StoreError(ValueError):
     """A store that cannot be read as its manifest says; the message names the file."""
 
 
-def _read_verified(path, size, sha256, dtype):
-    """The file's contents as a numpy array, refused if its size or checksum is not the one
-    the manifest recorded (a truncated or corrupt shard is never read silently). A local file
-    is memory-mapped (the page cache holds it, not this process); gs:// is read into memory."""
+def _verified(path, size, sha256, dtype):
+    """(the file's contents as a numpy array, None), or (None, what is wrong) when its size or
+    checksum is not the recorded one. A local file is memory-mapped (the page cache holds it,
+    not this process); gs:// is read into memory."""
     if not tf.io.gfile.exists(path):
-        raise StoreError(f"store shard {path} is missing: rerun prepare for this store")
+        return None, "is missing"
     actual = tf.io.gfile.stat(path).length
     if actual != size:
-        raise StoreError(f"store shard {path} has {actual} bytes but its manifest says "
-                         f"{size} (truncated or overwritten): rerun prepare for this store")
+        return None, f"has {actual} bytes, not the {size} recorded (truncated or overwritten)"
     if size == 0:
-        return np.zeros(0, dtype)
+        return np.zeros(0, dtype), None
     if "://" in path:
         with tf.io.gfile.GFile(path, "rb") as f:
             data = np.frombuffer(f.read(), dtype)
@@ -98,8 +118,17 @@ def _read_verified(path, size, sha256, dtype):
     for start in range(0, flat.size, 2**26):  # hashlib releases the GIL on large chunks
         digest.update(flat[start:start + 2**26])
     if digest.hexdigest() != sha256:
-        raise StoreError(f"store shard {path} fails its sha256 checksum (corrupt): delete it "
-                         "and its .json and rerun prepare to rewrite it")
+        return None, "fails its sha256 checksum (corrupt)"
+    return data, None
+
+
+def _read_verified(path, size, sha256, dtype):
+    """The file's contents, refused if its size or checksum is not the one the manifest
+    recorded (a truncated or corrupt shard is never read silently)."""
+    data, problem = _verified(path, size, sha256, dtype)
+    if problem:
+        raise StoreError(f"store shard {path} {problem}: rerun prepare for this store (it "
+                         "redoes the damaged shards)")
     return data
 
 
@@ -357,6 +386,27 @@ def train_batches(data_config, tokenizer, batch_sharding, first_step, position=N
     rows = process_rows(batch_sharding, data_config.global_batch_size, data_config.seq_len)
     mix = mixture(data_config, "train", tokenizer.path.read_bytes())
     return Batches(mix, data_config.global_batch_size, rows, first_step, position=position)
+
+
+class TrainData:
+    """A store run's training input as train.py reads it (the tf.data one is
+    pipeline.TrainStream): no iterator state, a step's batch is read at its data position."""
+
+    def __init__(self, data_config, tokenizer, batch_sharding):
+        self._args = data_config, tokenizer, batch_sharding
+
+    def batches(self, first_step, windows):
+        """This process's rows of the batches of the steps after first_step, the data windows
+        a loss-spike rewind skipped (spikes.py) left out."""
+        from llama_jax import spikes
+        return train_batches(*self._args, first_step + 1,
+                             lambda step: spikes.batch_of_step(step, windows))
+
+    def state(self):
+        return None  # nothing to save beside a checkpoint: its step is the data position
+
+    def resume(self, saved_shards, step):
+        return None  # nothing to restore, whatever the process count was
 
 
 def eval_batches(data_config, tokenizer, batch_sharding):
