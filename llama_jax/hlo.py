@@ -13,6 +13,8 @@ import numpy as np
 
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+# the kind collective_bytes reports an all-reduce of zero-padded shards under: a gather in effect
+GATHER_ALL_REDUCE = "all-reduce (gather)"
 # bits per element of the HLO dtypes (the f8 variants are matched by prefix)
 _DTYPE_BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "f16": 16,
                "bf16": 16, "s32": 32, "u32": 32, "f32": 32, "s64": 64, "u64": 64, "f64": 64,
@@ -38,14 +40,19 @@ class _Instruction:
     root: bool
 
 
-def _type_bytes(type_text):
-    total = 0
+def _element_bytes(type_text):
+    """Bytes of each array in a type: one for an array, one per element for a tuple."""
+    sizes = []
     for dtype, dims in _ARRAY.findall(type_text):
         bits = 8 if dtype.startswith("f8") else _DTYPE_BITS.get(dtype)
         if bits is None:
             raise ValueError(f"unknown HLO dtype {dtype!r} in {type_text[:80]!r}")
-        total += math.prod(int(d.lstrip("<=")) for d in dims.split(",") if d) * bits // 8
-    return total
+        sizes.append(math.prod(int(d.lstrip("<=")) for d in dims.split(",") if d) * bits // 8)
+    return sizes
+
+
+def _type_bytes(type_text):
+    return sum(_element_bytes(type_text))
 
 
 def _closing(text, start):
@@ -60,7 +67,8 @@ def _closing(text, start):
 
 
 def _parse_instruction(line):
-    match = _INSTRUCTION.match(line)
+    # libtpu numbers long operand lists: `a, /*index=5*/%b`
+    match = _INSTRUCTION.match(re.sub(r"/\*.*?\*/", "", line))
     if not match:
         return None
     root, name, rest = match.groups()
@@ -94,41 +102,77 @@ def _parse_module(hlo_text):
     return computations, entry, devices
 
 
+def _unwrap(instruction, by_name):
+    """instruction, or what it copies: libtpu puts copies and bitcasts on loop counters."""
+    while instruction is not None and instruction.op in (
+            "copy", "copy-start", "copy-done", "bitcast", "convert"):
+        instruction = by_name.get(instruction.operands[0])
+    return instruction
+
+
+def _constant(instruction, by_name):
+    """The integer a (copied) constant holds, else None."""
+    instruction = _unwrap(instruction, by_name)
+    return int(instruction.operands[0]) if instruction and instruction.op == "constant" else None
+
+
+def _step(body, index):
+    """What a loop body adds to tuple element `index` each iteration: the root tuple's element
+    `index` is add(get-tuple-element(param, index), constant(S)) in either order; else None."""
+    by_name = {i.name: i for i in body}
+    root = next(i for i in body if i.root)
+    if root.op != "tuple" or index >= len(root.operands):
+        return None
+    add = _unwrap(by_name.get(root.operands[index]), by_name)
+    if add is None or add.op != "add" or len(add.operands) != 2:
+        return None
+    for counter, step in (add.operands, add.operands[::-1]):
+        counter = _unwrap(by_name.get(counter), by_name)
+        if (counter is not None and counter.op == "get-tuple-element"
+                and re.search(r"index=(\d+)", counter.attrs).group(1) == str(index)):
+            return _constant(by_name.get(step), by_name)
+    return None
+
+
 def _trip_count(loop, caller, computations):
     """Iterations of a while loop, or None. XLA:CPU writes known_trip_count in the while's
     backend_config; libtpu does not, so there it is read from the condition, which for a JAX
     scan is `ROOT compare(get-tuple-element(param, index=k), constant(N)), direction=LT`
-    with the counter k starting at a constant in the loop's init tuple (and stepping by 1)."""
+    (or LE, GT or GE with the bound on the left), with the counter k starting at a constant in
+    the loop's init tuple and stepping by the constant the body adds to it: 1 for a scan, 2 (or
+    more) in libtpu's windowed-einsum (collective matmul) loops, which do two shards' work per
+    iteration."""
     known = re.search(r'"known_trip_count":\{"n":"(\d+)"', loop.attrs)
     if known:
         return int(known.group(1))
     condition = computations[re.search(r"condition=%?([\w.\-]+)", loop.attrs).group(1)]
+    body = computations[re.search(r"body=%?([\w.\-]+)", loop.attrs).group(1)]
     by_name = {i.name: i for i in condition}
     root = next(i for i in condition if i.root)
     direction = re.search(r"direction=(\w+)", root.attrs)
     if root.op != "compare" or len(root.operands) != 2 or direction is None:
         return None
-    lhs, rhs = (by_name.get(o) for o in root.operands)
+    lhs, rhs = (_unwrap(by_name.get(o), by_name) for o in root.operands)
     # written as counter OP bound; a bound on the left flips the comparison
     flip = {"GT": "LT", "GE": "LE", "LT": "GT", "LE": "GE"}
     direction = direction.group(1)
-    if lhs is not None and lhs.op == "constant":
+    if lhs is not None and lhs.op != "get-tuple-element":
         lhs, rhs, direction = rhs, lhs, flip.get(direction, direction)
-    if (lhs is None or rhs is None or lhs.op != "get-tuple-element" or rhs.op != "constant"
-            or direction not in ("LT", "LE")):
+    bound = _constant(rhs, by_name)
+    if lhs is None or lhs.op != "get-tuple-element" or bound is None or direction not in (
+            "LT", "LE"):
         return None
     index = int(re.search(r"index=(\d+)", lhs.attrs).group(1))
     in_caller = {i.name: i for i in caller}
     init_tuple = in_caller.get(loop.operands[0])
     if init_tuple is None or init_tuple.op != "tuple":
         return None
-    init = in_caller.get(init_tuple.operands[index])
-    while init is not None and init.op in ("copy", "bitcast"):  # libtpu copies the constant
-        init = in_caller.get(init.operands[0])
-    if init is None or init.op != "constant":
+    start = _constant(in_caller.get(init_tuple.operands[index]), in_caller)
+    step = _step(body, index)
+    if start is None or step is None or step <= 0:
         return None
-    start, bound = int(init.operands[0]), int(rhs.operands[0])
-    return max(0, bound - start + (direction == "LE"))
+    # ceil: the counter may pass the bound (0, 2, 4, 6 < 7)
+    return max(0, -(-(bound - start + (direction == "LE")) // step))
 
 
 def _iota(spec):
@@ -174,6 +218,32 @@ def _scattered(all_reduce, computation, n):
         return None
     shard = _type_bytes(users[0].type)
     return shard if shard * n == _type_bytes(all_reduce.type) else None
+
+
+def _zero_padded(instruction, by_name, computations, n):
+    """Whether instruction is a 1/n shard written into zeros, dynamic-update-slice(
+    broadcast(constant(0)), shard, offsets), alone or fused, through copies: libtpu's operand
+    for an all-reduce that gathers (it writes fsdp weight gathers so at fsdp=64)."""
+    update_by_name = base_by_name = by_name
+    padded = _unwrap(instruction, by_name)
+    if padded is not None and padded.op == "fusion":
+        fused = computations.get(re.search(r"calls=%?([\w.\-]+)", padded.attrs).group(1), [])
+        fusion, update_by_name = padded, {i.name: i for i in fused}
+        padded, base_by_name = next((i for i in fused if i.root), None), update_by_name
+    if padded is None or padded.op != "dynamic-update-slice":
+        return False
+    base = _unwrap(base_by_name.get(padded.operands[0]), base_by_name)
+    if base is not None and base.op == "parameter" and base_by_name is not by_name:
+        # the zeros come into the fusion as its operand
+        base = _unwrap(by_name.get(fusion.operands[int(base.operands[0])]), by_name)
+        base_by_name = by_name
+    if base is not None and base.op == "broadcast":
+        base = _unwrap(base_by_name.get(base.operands[0]), base_by_name)
+    update = update_by_name.get(padded.operands[1])
+    return (base is not None and base.op == "constant"
+            and re.fullmatch(r"-?0(\.0*)?", base.operands[0]) is not None
+            and update is not None
+            and _type_bytes(update.type) * n == _type_bytes(padded.type))
 
 
 def _moved(kind, size, n, slices):
@@ -250,8 +320,12 @@ def collective_bytes(hlo_text, slice_size=None):
     collective in a start and several continuation fusions under one channel_id, count once
     (ops of one channel within one computation stay distinct: libtpu reuses channel ids).
     An all-reduce whose one use is a dynamic-slice to its 1/n is a reduce-scatter (that is how
-    libtpu writes them). Both branches of a conditional count (an upper bound; a train step
-    has none).
+    libtpu writes them). An all-reduce of zero-padded shards (each device's 1/n written into
+    zeros by a dynamic-update-slice, as libtpu writes weight gathers at fsdp=64) is a
+    gather in effect: it counts as the all-reduce it is, twice a ring all-gather's bytes, under
+    the kind GATHER_ALL_REDUCE, so the reader can tell it from a sum (a tuple all-reduce that
+    mixes both splits its bytes by size). Both branches of a conditional count (an upper
+    bound; a train step has none).
 
     With `slice_size` (devices per slice of a multi-slice mesh), the bytes that cross the
     data-center network are counted apart in "dcn_bytes", for every op whose groups join devices
@@ -261,7 +335,7 @@ def collective_bytes(hlo_text, slice_size=None):
 
     Returns {"bytes": {kind: bytes}, "executions": {kind: ops executed}, "total_bytes",
     "dcn_bytes": {kind: bytes}, "dcn_total_bytes", "loops_without_trip_count"}, kinds in
-    COLLECTIVES that occur.
+    COLLECTIVES (and GATHER_ALL_REDUCE) that occur.
     """
     computations, entry, devices = _parse_module(hlo_text)
     executions, unknown_loops = _execution_counts(computations, entry)
@@ -271,7 +345,8 @@ def collective_bytes(hlo_text, slice_size=None):
         for instruction in instructions:
             kind = instruction.op.removesuffix("-done")
             if kind == "send" and (sent := _megascale_send(instruction)) and executions(name):
-                found[(name, instruction.name)] = (sent[0], sent[1], executions(name), sent[1])
+                found[(name, instruction.name)] = (sent[0], sent[1], executions(name), sent[1],
+                                                   0)
                 continue
             if kind not in COLLECTIVES or not executions(name):
                 continue
@@ -280,8 +355,13 @@ def collective_bytes(hlo_text, slice_size=None):
             source = start or instruction
             groups = _groups(source, devices)
             size, n = _type_bytes(instruction.type), len(groups[0])
+            gathered = 0  # the part of an all-reduce that gathers zero-padded shards
             if kind == "all-reduce" and (shard := _scattered(instruction, instructions, n)):
                 kind, size = "reduce-scatter", shard
+            elif kind == "all-reduce":
+                gathered = sum(part for part, operand in zip(_element_bytes(instruction.type),
+                                                             source.operands)
+                               if _zero_padded(by_name.get(operand), by_name, computations, n))
             moved = _moved(kind, size, n, 1)
             # slices a group spans (of slice_size devices each: `slices` is the mesh's leading
             # axis, so partition ids run slice by slice); over 1, part of it crosses DCN
@@ -292,15 +372,21 @@ def collective_bytes(hlo_text, slice_size=None):
             if channel:  # the k-th op of a channel in one computation is the k-th in another
                 key = (kind, channel.group(1), seen[kind, channel.group(1)])
                 seen[kind, channel.group(1)] += 1
-            old = found.get(key, (kind, 0, 0, 0))
+            old = found.get(key, (kind, 0, 0, 0, 0))
             found[key] = (kind, max(old[1], moved), max(old[2], executions(name)),
-                          max(old[3], dcn))
+                          max(old[3], dcn), max(old[4], gathered / size if size else 0))
     result = {"bytes": {}, "executions": {}, "dcn_bytes": {}}
-    for (kind, moved, times, dcn) in found.values():
-        result["bytes"][kind] = result["bytes"].get(kind, 0) + round(moved * times)
-        result["executions"][kind] = result["executions"].get(kind, 0) + times
-        if dcn:
-            result["dcn_bytes"][kind] = result["dcn_bytes"].get(kind, 0) + round(dcn * times)
+    for (kind, moved, times, dcn, gathered) in found.values():
+        # an all-reduce's bytes are linear in its size: split them by the gathering fraction
+        for part_kind, share in ((GATHER_ALL_REDUCE, gathered), (kind, 1 - gathered)):
+            if share <= 0:
+                continue
+            result["bytes"][part_kind] = (result["bytes"].get(part_kind, 0)
+                                          + round(moved * share * times))
+            result["executions"][part_kind] = result["executions"].get(part_kind, 0) + times
+            if dcn:
+                result["dcn_bytes"][part_kind] = (result["dcn_bytes"].get(part_kind, 0)
+                                                  + round(dcn * share * times))
     result["total_bytes"] = sum(result["bytes"].values())
     result["dcn_total_bytes"] = sum(result["dcn_bytes"].values())
     result["loops_without_trip_count"] = unknown_loops
