@@ -37,6 +37,15 @@ class CheckpointError(ValueError):
     """A checkpoint that must not be loaded as asked; the message says what to do instead."""
 
 
+class UnreadableCheckpoint(CheckpointError):
+    """A step whose files are damaged (truncated, overwritten); `reason` is the first line of
+    the library's error, so a resume can fall back to an earlier step and say why."""
+
+    def __init__(self, message, reason):
+        super().__init__(message)
+        self.reason = reason
+
+
 def fingerprint(path) -> str:
     """A file's identity (a tokenizer's, in checkpoint meta): the token stores' fingerprint."""
     return store.fingerprint(pathlib.Path(path).read_bytes())
@@ -142,11 +151,29 @@ class Checkpointer:
         try:
             return read()
         except Exception as e:  # Orbax, TensorStore and json raise many types for damaged files
-            first_line = (str(e).splitlines() or [""])[0][:200]
-            raise CheckpointError(
+            # TensorStore's first line ends in a pointer to a repr of its details: drop that
+            first_line = (str(e).splitlines() or [""])[0].split(". See full")[0]
+            reason = f"{type(e).__name__}: {first_line[:200]}"
+            raise UnreadableCheckpoint(
                 f"the checkpoint at step {step} in {self.mngr.directory} cannot be read "
-                f"({type(e).__name__}: {first_line}): delete that step directory to resume "
-                "from the previous one") from e
+                f"({reason}): delete that step directory to resume from the previous one",
+                reason) from e
+
+    def set_aside(self, step):
+        """Moves an unreadable step out of checkpoints/ (kept, never deleted) into
+        WORKDIR/unreadable_checkpoints/, so that this run can save that step again; returns
+        where it went. Process 0 moves it; every process then lists the steps afresh."""
+        target = self.workdir / "unreadable_checkpoints" / str(step)
+        if jax.process_index() == 0:
+            while target.exists():  # the same step damaged twice: keep both
+                target = target.with_name(target.name + "_again")
+            target.parent.mkdir(exist_ok=True)
+            os.replace(self.workdir / "checkpoints" / str(step), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"llama_jax set aside step {step}")
+        self.mngr.reload()
+        return target
 
     def close(self):
         self.wait()

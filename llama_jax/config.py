@@ -14,10 +14,13 @@ from llama_jax.model import ModelConfig
 
 def base_config(**model) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    # ModelConfig's own defaults (one source), with LLaMA-7B's sizes for the fields it requires
+    # ModelConfig's own defaults (one source), with LLaMA-7B's sizes for the fields it requires.
+    # A None default (n_kv_heads, head_dim, ffn_dim: derived from the others) is an int
+    # placeholder, still None, so that --config.model.n_kv_heads=8 can override it
     c.model = ml_collections.ConfigDict({
         "vocab_size": 32000, "dim": 4096, "n_layers": 32, "n_heads": 32,
-        **{f.name: f.default for f in dataclasses.fields(ModelConfig)
+        **{f.name: ml_collections.config_dict.placeholder(int) if f.default is None
+           else f.default for f in dataclasses.fields(ModelConfig)
            if f.default is not dataclasses.MISSING}})
     c.model.update(model)
     # one -1 axis fills the remaining devices; slices: TPU slices joined by the data-center

@@ -392,6 +392,12 @@ def main(argv):
         raise app.UsageError("give exactly one of --from=hf|meta or --to=hf, plus --src and "
                              "--dst, e.g. --from=hf --src=hf_model --dst=runs/converted")
     src = pathlib.Path(fl.src)
+    # an HF export writes config.json and safetensors over whatever is there: never a workdir
+    workdir_files = [name for name in ("checkpoints", "model.json", "metrics.jsonl")
+                     if fl.to == "hf" and (pathlib.Path(fl.dst) / name).exists()]
+    if workdir_files:
+        sys.exit(f"error: --dst={fl.dst} is a training or converted workdir (it holds "
+                 f"{workdir_files[0]}): pass a new or empty directory for the HF model")
     try:
         if fl.to == "hf":
             export_hf(src, fl.dst, fl.config)
@@ -407,4 +413,5 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    from llama_jax import ranges  # a missing --config or a misspelt override is one line
+    ranges.run_app(app.run, main)

@@ -21,8 +21,7 @@ class Goodput:
         self.path = pathlib.Path(workdir) / "goodput.json"
         self.enabled = enabled
         self.start = time.time() if start is None else start
-        self.sessions = json.loads(self.path.read_text())["sessions"] if self.path.exists() \
-            else []
+        self.sessions = read_sessions(self.path) if self.path.exists() else []
         self.session = {"parts": dict.fromkeys(PARTS, 0.0), "steps_computed": 0,
                         "last_step": None, "lost_steps": 0, "rewound_steps": 0}
         self.sessions.append(self.session)
@@ -115,4 +114,21 @@ def read(workdir):
     if not path.is_file():
         raise FileNotFoundError(f"--workdir={workdir} has no goodput.json: pass the workdir of "
                                 "a llama_jax.train run")
-    return totals(json.loads(path.read_text())["sessions"])
+    return totals(read_sessions(path))
+
+
+def read_sessions(path):
+    """The sessions of a goodput.json; a damaged one is a one-line error naming it."""
+    try:
+        sessions = json.loads(path.read_text())["sessions"]
+        for s in sessions:  # every key that resumed() and totals() read
+            [float(s[k]) for k in ("steps_computed", "lost_steps", "rewound_steps")]
+            [float(s["parts"][p]) for p in PARTS]
+            if s["last_step"] is not None:
+                int(s["last_step"])
+        return sessions
+    except (ValueError, KeyError, TypeError) as e:  # not JSON, or not the layout write() writes
+        problem = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}"
+        raise ValueError(f"{path} is damaged ({problem}): delete it to go on; only the time "
+                         "accounting of earlier sessions is lost (no training state is in "
+                         "it)") from None

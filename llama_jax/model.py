@@ -17,6 +17,7 @@ import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax.attention import causal_attention, reference_attention
+from llama_jax import sharding
 from llama_jax.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -107,15 +108,24 @@ def _dense_init(fan_in):
 
 
 def linear(x, w, in_dims=1):
-    """x [..., *in] times w [*in, *out] -> [..., *out], as one 2-D matmul.
+    """x [..., *in] times w [*in, *out] -> [..., *out], with x's leading dims merged into one
+    row dim.
 
-    Why 2-D: a projection written as an einsum over [B, T, ...] has a weight gradient that
-    contracts two dims (B and T), and XLA:CPU canonicalises such a dot by physically transposing
-    the activations first; with B and T merged into one row dim it needs no copy (cpu-bench: 21.4
-    -> 18.8 CPU-s per step for the MLP alone). Other backends get the same matmuls.
+    Why one row dim: a projection written as an einsum over [B, T, ...] has a weight gradient
+    that contracts two dims (B and T), and XLA:CPU canonicalises such a dot by physically
+    transposing the activations first; with B and T merged it needs no copy (cpu-bench: 21.4
+    -> 18.8 CPU-s per step for the MLP alone). Why w keeps its shape on TPU and GPU: a reshaped
+    weight is another array to the partitioner, and under remat the backward gathered an
+    attention weight twice, as [D, H, E] for the recomputed forward and again as the [D, H*E]
+    matrix (7B on v5p-8: 3.2 GB more collective bytes per step and chip). XLA:CPU runs the
+    3-D contraction ~7% slower (cpu-bench), so there the weight is flattened to one matrix.
     """
-    k = math.prod(w.shape[:in_dims])
-    out = x.reshape(-1, k) @ w.reshape(k, -1).astype(x.dtype)
+    rows = x.reshape(-1, *x.shape[x.ndim - in_dims:])
+    if sharding.traced_platform() == "cpu":
+        k = math.prod(w.shape[:in_dims])
+        out = rows.reshape(-1, k) @ w.reshape(k, -1).astype(x.dtype)
+    else:
+        out = jnp.tensordot(rows, w.astype(x.dtype), axes=in_dims)
     return out.reshape(*x.shape[:x.ndim - in_dims], *w.shape[in_dims:])
 
 

@@ -256,6 +256,7 @@ def check_sources(data_config):
     """Each data.sources entry's kind and keys, and a JSONL source's first line (reads files,
     imports TensorFlow: for the entry points that read data)."""
     from llama_jax.data import sources
+    sources.check_names([dict(entry) for entry in data_config.sources])
     for entry in data_config.sources:
         sources.check_entry(dict(entry))
         sources.check_first_document(dict(entry))
@@ -272,29 +273,67 @@ def check_flags(tool, values):
 def _near(key):
     """' (did you mean train.steps?)' for the keys of the same section spelt alike, or ''."""
     section = key.rpartition(".")[0]
-    near = difflib.get_close_matches(
-        key, [k for k in CONFIG if k.rpartition(".")[0] == section], n=2, cutoff=0.8)
+    keys = [k for k in CONFIG if k.rpartition(".")[0] == section]
+    # a misspelt section (trian.steps) has no keys of its own: compare with every key
+    near = difflib.get_close_matches(key, keys or list(CONFIG), n=2, cutoff=0.8)
     return f" (did you mean {' or '.join(near)}?)" if near else ""
 
 
 def unknown_override(error, argv):
     """The one-line message for a --config.a.b=... override that names no key, from the
-    AttributeError ml_collections raises while parsing flags, with the nearest known keys."""
+    AttributeError or KeyError ml_collections raises while parsing flags (it names the first
+    unknown part: a key, or a misspelt section), with the nearest known keys."""
     overrides = [a.split("=")[0].removeprefix("--config.") for a in argv
                  if a.startswith("--config.")]
-    key = next((o for o in overrides if f"'{o.split('.')[-1]}" in str(error)), None)
+    # str() of a KeyError (raised bare, or inside an AttributeError) is its message's repr,
+    # whose quotes are escaped
+    text = str(error).replace("\\'", "'")
+    key = next((o for o in overrides if any(f"'{part}'" in text for part in o.split("."))),
+               None)
     if key is None:
         return None
     near = _near(key).replace(" or ", " or --config.").replace("mean ", "mean --config.")
     return f"error: --config.{key} is not a setting{near or ' (docs/configs.md lists them)'}"
 
 
-def run_app(run, main):
-    """absl's app.run(main), except that an override naming no config key is one line."""
+def config_file_problem():
+    """The one-line message for a --config=PATH that ml_collections could not read (a missing
+    or unreadable file), or None when it loaded or the tool has no --config. A config file whose
+    own code raises keeps its traceback: it points into that file."""
+    from absl import flags
+    if "config" not in flags.FLAGS:
+        return None
     try:
-        run(main)
-    except AttributeError as e:  # raised by ml_collections while the flags are parsed
-        message = unknown_override(e, sys.argv)
+        config = flags.FLAGS.config
+        if config is not None:  # a failed load is a stand-in that raises on any attribute
+            config.keys  # noqa: B018
+        return None
+    except OSError as e:
+        path = flags.FLAGS["config"].config_filename
+        if not pathlib.Path(path).is_file():
+            return (f"error: --config={path}: no such file: pass a configs/*.py path (relative "
+                    "paths start at the current directory)")
+        # ml_collections lists the paths it attempted; the last line is the error itself
+        cause = (str(e).strip().splitlines() or [""])[-1].strip()
+        return f"error: --config={path} cannot be read ({cause}): fix its permissions"
+
+
+def run_app(run, main):
+    """absl's app.run(main), except that a config the flags could not build (an override naming
+    no key, a missing or broken --config file) is one line."""
+    started = []
+
+    def checked(argv):
+        started.append(True)  # from here on an exception is main's own, not the parsing's
+        message = config_file_problem()
+        if message is not None:
+            sys.exit(message)
+        return main(argv)
+
+    try:
+        run(checked)
+    except (AttributeError, KeyError) as e:  # raised by ml_collections while the flags are parsed
+        message = None if started else unknown_override(e, sys.argv)
         if message is None:
             raise
         sys.exit(message)

@@ -245,6 +245,15 @@ def per_slice(fn):
     return traced
 
 
+def traced_platform():
+    """The platform the step being traced compiles for ("cpu", "gpu", "tpu": an AOT compile for
+    a TPU topology on a CPU host says "tpu"); outside a step, the default backend's."""
+    active = _ACTIVE.get()
+    if active is None:
+        return jax.default_backend()
+    return active[0].devices.flat[0].platform
+
+
 def activation_spec(names):
     """(mesh, PartitionSpec) for an activation with these logical axis names in the step being
     traced, or None outside one (init, generation on a single device, tests of the layers)."""

@@ -25,13 +25,29 @@ def batch_of_step(step, windows):
     return batch
 
 
+def read_skips(path):
+    """The events of a data_skips.json; a damaged one is a one-line error naming it, since a
+    run must not guess which batches an earlier session skipped."""
+    try:
+        events = json.loads(path.read_text())["skips"]
+        if all(len(e["batches"]) == 2 and all(isinstance(b, int) for b in e["batches"])
+               for e in events):
+            return events
+        problem = "a skip without two batch numbers"
+    except (ValueError, KeyError, TypeError) as e:  # not JSON, or not the layout add() writes
+        problem = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}"
+    raise ValueError(f"{path} is damaged ({problem}): restore it, or delete it to go on, which "
+                     "forgets the data windows skipped after loss spikes (those batches are "
+                     "read again)")
+
+
 class SkipRecord:
     """The skipped windows of one workdir and the spikes that caused them."""
 
     def __init__(self, workdir, enabled=True):
         self.path = pathlib.Path(workdir) / "data_skips.json"
         self.enabled = enabled  # only process 0 writes; every process reads the same file
-        self.events = json.loads(self.path.read_text())["skips"] if self.path.exists() else []
+        self.events = read_skips(self.path) if self.path.exists() else []
 
     @property
     def windows(self):

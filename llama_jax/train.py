@@ -81,8 +81,9 @@ def check_workdir(workdir, abstract_state):
 
 
 def start_state(step, config, ckpt, meta, train_data):
-    """(state, the checkpoint's meta or {}): the latest checkpoint restored (with train_data's
-    position), else a fresh init (optionally with another run's params, config.init_from)."""
+    """(state, the checkpoint's meta or {}): the newest readable checkpoint restored (with
+    train_data's position), else a fresh init (optionally with another run's params,
+    config.init_from)."""
     latest = ckpt.latest_step()
     if ckpt.uncommitted():
         logging.warning("ignoring unfinished checkpoint saves %s", ckpt.uncommitted())
@@ -97,10 +98,27 @@ def start_state(step, config, ckpt, meta, train_data):
             f"the latest checkpoint in {ckpt.mngr.directory} is step {latest}, past "
             f"train.steps={config.train.steps}: raise train.steps to train on, or use a new "
             "--workdir")
-    saved_meta = ckpt.check_compatible(latest, step.abstract.params, meta)
-    state = ckpt.restore(latest, step.abstract,
-                         train_data.resume(saved_meta["data_shards"], latest))
-    logging.info("resumed from step %d in %s", latest, ckpt.mngr.directory)
+    # a damaged latest step (a save cut short by a full disk, a truncated copy) falls back to
+    # the newest one that reads; the damaged ones are moved aside, never deleted
+    unreadable = []
+    for saved in sorted(ckpt.mngr.all_steps(), reverse=True):
+        try:
+            saved_meta = ckpt.check_compatible(saved, step.abstract.params, meta)
+            state = ckpt.restore(saved, step.abstract,
+                                 train_data.resume(saved_meta["data_shards"], saved))
+            break
+        except checkpoint.UnreadableCheckpoint as e:
+            unreadable.append((saved, e.reason))
+    else:
+        raise checkpoint.CheckpointError(
+            f"no checkpoint in {ckpt.mngr.directory} can be read (step {unreadable[0][0]}: "
+            f"{unreadable[0][1]}): restore them from a backup, or use a new --workdir to start "
+            "again")
+    for bad, reason in unreadable:
+        moved = ckpt.set_aside(bad)
+        logging.warning("skipped the checkpoint at step %d, which cannot be read (%s): moved "
+                        "to %s; resuming from step %d", bad, reason, moved, saved)
+    logging.info("resumed from step %d in %s", saved, ckpt.mngr.directory)
     return state, saved_meta
 
 

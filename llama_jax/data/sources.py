@@ -50,6 +50,16 @@ def check_entry(entry) -> str:
     return kinds[0]
 
 
+def check_names(entries):
+    """Each source's name is its identity (its store directory OUTPUT/NAME, its share in the
+    mixture's reports), so two entries may not share one."""
+    names = [entry.get("name") for entry in entries]
+    twice = sorted({n for n in names if n and names.count(n) > 1})
+    if twice:
+        raise ValueError(f"data.sources has more than one source named {twice[0]!r}: give "
+                         "each its own name=")
+
+
 def check_first_document(entry):
     """A JSONL source whose first line lacks the text field fails here, in one line, before
     any graph runs (a later such line stops the run with the in-graph check's message)."""

@@ -312,4 +312,5 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    from llama_jax import ranges  # a missing --config or a misspelt override is one line
+    ranges.run_app(app.run, main)
