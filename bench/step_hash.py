@@ -46,12 +46,22 @@ def cases():
 def canonical(text):
     """The HLO without what names the Python source: op metadata, the module name, and the
     stack-frame tables (FileNames ... StackFrames) between the module line and the first
-    computation."""
+    computation; instruction numbers are renumbered in order of appearance, since an op traced
+    and then simplified away (a no-op reshape, a constant) shifts every later one."""
     text = re.sub(r", metadata=\{[^}]*\}", "", text)
     head, _, rest = text.partition("\n")
     head = re.sub(r"^HloModule \S+", "HloModule m", head)
     body = re.search(r"^(%|ENTRY )", rest, flags=re.M)
-    return head + "\n" + rest[body.start():]
+    names = {}
+
+    def renumbered(match):  # param_2.45 -> param_.7: the 7th numbered name met
+        name = match.group(0)
+        if not re.search(r"\.\d", name):
+            return name
+        return names.setdefault(name, re.sub(r"[.\d]+$", "", name) + f".{len(names)}")
+    # names start with a letter (or %), so numbers such as 0.015625 are left alone
+    rest = re.sub(r"%?\b[A-Za-z_][\w-]*(?:\.[\w-]+)*", renumbered, rest[body.start():])
+    return head + "\n" + rest
 
 
 def main(dump=None):

@@ -5,7 +5,6 @@ import json
 import re
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -180,31 +179,6 @@ def test_train_step_skip_keeps_every_leaf_bit_identical():
                  jax.device_get(state.opt_state))
 
 
-def test_sigterm_saves_the_current_step_and_exits_nonzero(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    overrides = {"model.vocab_size": 512, "model.dim": 64, "model.n_heads": 4,
-                 "model.ffn_dim": 128, "model.n_layers": 2, "data.seq_len": 32,
-                 "data.tokenizer_vocab_size": 512, "data.tokenizer_sample_lines": 20000,
-                 "train.steps": 100000, "train.warmup_steps": 1, "train.log_every": 1,
-                 "train.eval_every": 100000, "train.eval_batches": 1,
-                 "checkpoint.every_steps": 100000}
-    cmd = [sys.executable, "-m", "llama_jax.train", "--config=configs/tiny.py",
-           f"--workdir={tmp_path}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (
-            metrics.exists() and sum(1 for _ in metrics.open()) >= 4):
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    saved = checkpoint.Checkpointer(tmp_path).latest_step()
-    assert f"preempted at step {saved}: checkpoint saved" in stderr
-    assert "rerun the same command to resume" in stderr
-    assert saved >= 3 and max(r["step"] for r in read_metrics(tmp_path)) == saved
-
-
 def _set(config, key, value):
     section, name = key.split(".")
     config[section][name] = value
@@ -303,8 +277,10 @@ def test_kill_9_then_rerun_gives_bit_identical_losses_with_a_3_source_mixture(tm
         "        dict(name='prose', weight=0.3, builtin='prose'),\n"
         f"        dict(name='notes', weight=0.2, files='{notes}', format='jsonl', field='text'),\n"
         "    ]\n    return c\n")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               PYTHONPATH=str(ROOT))
+    # 1 device without LLVM optimisation: three processes compile the step, and compile time
+    # would outweigh 40 micro steps (a 2-process kill and resume is test_store.py's)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1 "
+               "--xla_backend_optimization_level=0", PYTHONPATH=str(ROOT))
 
     def command(workdir):
         cmd = _train_cmd(workdir)

@@ -1,8 +1,9 @@
-"""Ctrl-C and the workdir lock, through the real command line.
+"""Ctrl-C, SIGTERM and the workdir lock, through the real command line.
 
 One story, since each training process costs seconds to start: run A is refused a second run
 B into its workdir, then Ctrl-C saves its step and exits; run C takes over a stale lock,
-resumes A's checkpoint, and a double Ctrl-C stops it at once; metrics.jsonl has each step once.
+resumes A's checkpoint, and a double Ctrl-C stops it at once; run D resumes again and a SIGTERM
+(a preemption) saves its step; metrics.jsonl has each step once.
 """
 
 import json
@@ -53,11 +54,12 @@ def _records(workdir):
     return records
 
 
-def interrupt(proc, times):
-    """SIGINTs, as a terminal's Ctrl-C sends them; (exit status, seconds to exit, stderr)."""
+def interrupt(proc, times, signum=signal.SIGINT):
+    """SIGINTs, as a terminal's Ctrl-C sends them (or a SIGTERM, as a preemption does);
+    (exit status, seconds to exit, stderr)."""
     sent = time.time()
     for _ in range(times):
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         time.sleep(0.05)
     _, stderr = proc.communicate(timeout=120)
     return proc.returncode, time.time() - sent, stderr
@@ -108,9 +110,22 @@ def test_ctrl_c_saves_and_resumes_and_a_second_run_is_refused(tmp_path):
     assert f"resumed from step {saved}" in c_err
     assert c_err.splitlines()[-1] == ("interrupted again: exiting now; the last committed "
                                       "checkpoint is kept")
-    assert checkpoint.Checkpointer(workdir).latest_step() >= saved
+    resumable = checkpoint.Checkpointer(workdir).latest_step()
+    assert resumable >= saved
+
+    c_last = max(r["step"] for r in _records(workdir) if "loss" in r)
+    d = start(workdir)
+    wait_for_step(d, workdir, c_last + 1)  # past C's records: D is in its loop
+    status, seconds, d_err = interrupt(d, 1, signal.SIGTERM)
+    preempted = checkpoint.Checkpointer(workdir).latest_step()
+    assert status == 1 and seconds < 60, d_err[-3000:]
+    assert "Traceback" not in d_err and f"resumed from step {resumable}" in d_err
+    assert d_err.splitlines()[-1].startswith(
+        f"preempted at step {preempted}: checkpoint saved in {workdir}/checkpoints; "), d_err
+    assert "rerun the same command to resume" in d_err.splitlines()[-1]
     steps = [r["step"] for r in _records(workdir) if "loss" in r]
-    assert steps == sorted(set(steps)) and steps[0] == 1 and steps[-1] >= saved + 2
+    assert steps == sorted(set(steps)) and steps[0] == 1 and steps[-1] == preempted
+    assert preempted > c_last
 
 
 def _lock_file(workdir, host, age_s=0.0):
