@@ -237,9 +237,11 @@ def shared_tokenizer(workdir, data_config, model_vocab_size: int):
     it."""
     workdir = pathlib.Path(workdir)
     if jax.process_count() > 1:
-        if jax.process_index() == 0:
-            get_tokenizer(workdir, data_config, model_vocab_size)
+        first = jax.process_index() == 0
+        tokenizer = get_tokenizer(workdir, data_config, model_vocab_size) if first else None
         distributed.barrier("tokenizer")
+        if first:
+            return tokenizer
         if not tokenizer_file(workdir).exists():
             raise OSError(f"process {jax.process_index()} cannot see the tokenizer in {workdir} "
                           "that process 0 wrote: --workdir must be a directory every process "
