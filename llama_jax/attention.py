@@ -7,6 +7,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from llama_jax import sharding
@@ -16,16 +17,17 @@ from llama_jax import sharding
 ATTENTION = ("auto", "xla", "cudnn", "splash")
 
 
-def resolve_attention(cfg, platform, seq_len=None):
+def resolve_attention(cfg, platform, seq_len=None, context=1):
     """cfg with attention="auto" replaced by the implementation for `platform` ("cpu", "gpu",
-    "tpu"); seq_len None (generation: prompt lengths vary) never picks splash. Called once,
-    where a config meets its mesh; a ModelConfig still on "auto" runs the portable xla path."""
+    "tpu"); seq_len None (generation: prompt lengths vary) never picks splash; with the
+    sequence split over context > 1 devices, never cudnn. Called once, where a config
+    meets its mesh; a ModelConfig still on "auto" runs the portable xla path."""
     if cfg.attention != "auto":
         return cfg
     impl = "xla"
-    if platform == "gpu" and cfg.dtype in ("bfloat16", "float16"):
+    if platform == "gpu" and cfg.dtype in ("bfloat16", "float16") and context == 1:
         impl = "cudnn"  # cuDNN's fused kernel takes 16-bit inputs only
-    elif platform == "tpu" and seq_len is not None and seq_len % 128 == 0:
+    elif platform == "tpu" and seq_len is not None and seq_len % (128 * context) == 0:
         impl = "splash"  # its blocks are multiples of 128; otherwise auto falls back to xla
     return dataclasses.replace(cfg, attention=impl)
 
@@ -36,6 +38,27 @@ def attention_mask(segment_ids):
     causal = jnp.tril(jnp.ones((t, t), dtype=jnp.bool_))
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     return (causal[None] & same)[:, None, None]
+
+
+def document_mask(q_positions, q_segments, k_positions, k_segments):
+    """[B, T] and [B, S] positions and segment ids -> [B, 1, 1, T, S]: a query sees a key of its
+    own document at or before its position. Built from the values, not the array order, so it
+    holds for tokens in any order (context parallelism's load-balanced one)."""
+    same = q_segments[:, :, None] == k_segments[:, None, :]
+    causal = k_positions[:, None, :] <= q_positions[:, :, None]
+    return (same & causal)[:, None, None]
+
+
+def context_attention(q, k, v, positions, segment_ids):
+    """The reference with the sequence split over context: each device keeps its queries (in
+    load-balanced order, parallel.balance) and gathers every key and value, whose causal order
+    comes from the gathered positions (document_mask)."""
+    # the length dim unsplit: gathered over context
+    k, v = (sharding.constrain(x, ("batch", None, "kv_heads", "head_dim")) for x in (k, v))
+    k_positions, k_segments = (sharding.constrain(x, ("batch", None))
+                               for x in (positions, segment_ids))
+    return reference_attention(q, k, v, document_mask(positions, segment_ids, k_positions,
+                                                      k_segments))
 
 
 def reference_attention(q, k, v, mask):
@@ -80,7 +103,7 @@ def splash_attention(q, k, v, segment_ids):
     # the layout of q/k/v in the step being traced (sharding.py decides it from logical names)
     placed = sharding.activation_spec(("batch", "length", "heads", "head_dim"))
     device = jax.devices()[0] if placed is None else placed[0].devices.flat[0]  # the target
-    block = min(512, t)
+    block = min(512, t // sharding.parts("length"))  # a device's queries under context
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                               block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                               block_q_dq=block, block_kv_dq=block)
@@ -99,11 +122,51 @@ def splash_attention(q, k, v, segment_ids):
     if placed is None or placed[0].size == 1:
         return run(q, k, v, segment_ids)
     _, spec = placed
+    context = sharding.parts("length")
+    if context > 1:
+        return context_splash(q, k, v, segment_ids, spec, context, sizes,
+                              device.platform != "tpu")
     # the trace's context mesh (sharding.traced_under): inside parallel.by_slice its
     # `slices` axis is already manual, and the kernel maps the others
     return jax.shard_map(run, mesh=jax.sharding.get_abstract_mesh(),
                          in_specs=(spec, spec, spec, P(*spec[:2])), out_specs=spec,
                          check_vma=False)(q, k, v, segment_ids)
+
+
+def context_splash(q, k, v, segment_ids, spec, context, sizes, interpret):
+    """Splash with the sequence split over context: each device keeps its queries (in
+    parallel.balance's order) and gets every key and value (shard_map gathers them), which it
+    puts back in sequence order, so the kernel's causal mask needs only the queries' places:
+    its q_sequence, split over context with the kernel's block metadata (q_seq_shards)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash, splash_attention_mask as masks)
+    from llama_jax import parallel  # parallel imports the model, which imports this module
+    b, t, h, e = q.shape
+    with jax.ensure_compile_time_eval():  # the queries' places, as numbers at trace time
+        order = np.asarray(parallel.balance(np.arange(t)[None], context))[0].astype(np.int32)
+    mesh = jax.sharding.get_abstract_mesh()
+    causal = masks.CausalMask((t, t))
+    causal.q_sequence = order
+    local_heads = h // sharding.size_of(dict(mesh.shape), spec[2])
+    kernel = splash.make_splash_mha(masks.MultiHeadMask([causal] * local_heads),
+                                    block_sizes=sizes, head_shards=1, q_seq_shards=context,
+                                    interpret=interpret)
+    kernel_spec = kernel.manual_sharding_spec(jax.sharding.NamedSharding(mesh, P(None,
+                                                                                 spec[1])))
+
+    def run(q, k, v, q_segments, kv_segments, kernel):
+        k, v, kv_segments = (parallel.unbalance(x, context) for x in (k, v, kv_segments))
+        heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, T, H, E] <-> [B, H, T, E]
+        out = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=s1))(
+            heads_first(q) * e ** -0.5, heads_first(k), heads_first(v),
+            splash.SegmentIds(q=q_segments, kv=kv_segments))
+        return heads_first(out)
+
+    whole = P(spec[0], None, *spec[2:])  # keys and values: every position
+    return jax.shard_map(run, mesh=mesh,
+                         in_specs=(spec, whole, whole, P(*spec[:2]), P(spec[0], None),
+                                   kernel_spec), out_specs=spec, check_vma=False)(
+        q, k, v, segment_ids, segment_ids, kernel)
 
 
 # cuDNN's packed layout is sized for a static number of documents per row. 16 covers every row
@@ -182,14 +245,18 @@ def cudnn_attention(q, k, v, segment_ids):
     return jax.lax.cond(packed_fits(segment_ids), packed, dense, q, k, v, segment_ids)
 
 
-def causal_attention(q, k, v, segment_ids, impl):
+def causal_attention(q, k, v, segment_ids, impl, positions=None):
     """Causal self-attention over packed documents (segment_ids [B, T]; None: one document per
     row) with the named implementation; "xla" (and an unresolved "auto") runs the blocked
-    reference. Every implementation matches reference_attention."""
+    reference, or with the sequence split over context (its tokens reordered) the reference
+    masked by `positions` [B, T] (context_attention). Every implementation matches
+    reference_attention."""
     if impl == "cudnn":
         return cudnn_attention(q, k, v, segment_ids)
     if segment_ids is None:
         segment_ids = jnp.ones(q.shape[:2], jnp.int32)
     if impl == "splash":
         return splash_attention(q, k, v, segment_ids)
+    if sharding.parts("length") > 1:
+        return context_attention(q, k, v, positions, segment_ids)
     return blocked_attention(q, k, v, segment_ids)

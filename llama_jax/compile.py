@@ -6,7 +6,8 @@
 Compiles the real sharded train step for a TPU slice on this (CPU) machine through libtpu's
 compile-only devices, and prints one JSON line: per-device memory from XLA, whether it fits the
 chip's HBM, the analytic FLOPs per step, a roofline step time, and the bytes each collective
-moves (read from the compiled HLO) beside the FSDP minimum. --slices=N compiles for N such
+moves (read from the compiled HLO) beside the FSDP minimum (and, with mesh.context > 1, the
+key/value gathers' minimum). --slices=N compiles for N such
 slices joined by the data-center network (DCN) and reports the bytes that cross it apart, with
 the step time they imply at --dcn_gbps per host. --plan compiles a grid of (microbatch size,
 remat) candidates and prints a table and the best fitting one's overrides.
@@ -106,6 +107,8 @@ def _compile_on(config, topology, generation, devices, dcn_gbps=DCN_GBPS):
     measured = collective_bytes(compiled.as_text(),
                                 len(devices) // slices if slices > 1 else None)
     minimum = fsdp_minimum_bytes(cfg, dict(step.mesh.shape), config.train.microbatches)
+    context = context_minimum_bytes(cfg, dict(step.mesh.shape), batch_size, seq_len)
+    least = minimum["total_bytes"] + context["total_bytes"]
     memory = compiled.memory_analysis()
     sizes = {name: int(getattr(memory, f"{name}_size_in_bytes")) for name in (
         "argument", "output", "alias", "temp", "generated_code")}
@@ -115,8 +118,9 @@ def _compile_on(config, topology, generation, devices, dcn_gbps=DCN_GBPS):
     return {**plan, "bytes_per_device": sizes, "total_bytes_per_device": total,
             "total_gib_per_device": round(total / GIB, 2), "fits": total <= chip["hbm"],
             "collective_bytes_per_device": measured, "fsdp_minimum_bytes_per_device": minimum,
-            "collective_ratio_to_minimum": round(
-                measured["total_bytes"] / minimum["total_bytes"], 3) if minimum["total_bytes"]
+            "context_minimum_bytes_per_device": context,
+            # measured over the least both need (the fsdp minimum alone without context)
+            "collective_ratio_to_minimum": round(measured["total_bytes"] / least, 3) if least
             else None,
             **(dcn_report(measured, minimum, chip, dcn_gbps, roofline_s) if slices > 1 else {}),
             "compile_s": round(compile_s, 1)}
@@ -172,6 +176,28 @@ def fsdp_minimum_bytes(cfg, mesh_shape, microbatches=1):
             "dcn_bytes": round(2 * 4 * params / (fsdp * replicas / slices) * (slices - 1) / slices)}
 
 
+def context_minimum_bytes(cfg, mesh_shape, batch_size, seq_len):
+    """The least context parallelism adds per device, beside fsdp_minimum_bytes (0 without it):
+    each layer gathers the keys and values of its rows' whole sequences, K E / tensor of each
+    per token, in the compute dtype, of which a device receives the (c-1)/c it does not hold
+    (c = mesh context), for its B / (batch devices) rows:
+
+      all-gather      L 2 (B/b) T (K E / t) (c-1)/c in the forward, again in the backward
+                      unless remat is "none" (then the gathered keys and values are kept)
+      reduce-scatter  the same once: the gathered keys' and values' gradients, back to their
+                      owners
+    """
+    context = sharding.size_of(mesh_shape, sharding.CONTEXT)
+    rows = batch_size / sharding.size_of(mesh_shape, sharding.BATCH)
+    heads = cfg.n_kv_heads / sharding.size_of(mesh_shape, sharding.weight_axes("kv_heads"))
+    gathered = (2 * cfg.n_layers * rows * seq_len * heads * cfg.head_dim
+                * jnp.dtype(DTYPES[cfg.dtype]).itemsize * (context - 1) / context)
+    moved = {"all-gather": (1 if cfg.remat == "none" else 2) * gathered,
+             "reduce-scatter": gathered}
+    moved = {kind: round(b) for kind, b in moved.items() if b}
+    return {"bytes": moved, "total_bytes": sum(moved.values())}
+
+
 # ---------------------------------------------------------------------------------------------
 # The planner: python -m llama_jax.compile --plan --config=... --topology=...
 
@@ -197,30 +223,38 @@ def recompute_flops_per_token(cfg, seq_len):
     return 2 * layers * weights + attention
 
 
-def plan_candidates(config, topology, sizes=PLAN_SIZES, remats=PLAN_REMAT, headroom=0.1):
-    """Compile (AOT, nothing allocated) each (sequences per chip per microbatch, remat) that
-    divides the global batch, and return one row per compile. Within a remat policy sizes go
-    up, so memory does: the first that does not fit (or that the compiler refuses) ends it."""
+def plan_candidates(config, topology, sizes=PLAN_SIZES, remats=PLAN_REMAT, headroom=0.1,
+                    contexts=None):
+    """Compile (AOT, nothing allocated) each (context, sequences per batch shard per
+    microbatch, remat) that divides the global batch, and return one row per compile. A
+    batch shard is `context` chips (one chip without context parallelism). Within a remat
+    policy sizes go up, so memory does: the first that does not fit (or that the compiler
+    refuses) ends it. contexts None: the config's mesh.context only."""
     ranges.check_config(config)
     generation, devices = topology_devices(topology, config.mesh[sharding.SLICES])
     chip = CHIPS[generation]
-    mesh = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, len(devices))))
-    shards, batch_size = sharding.size_of(mesh, sharding.BATCH), config.data.global_batch_size
-    seq_len, budget = config.data.seq_len, chip["hbm"] * (1 - headroom)
+    batch_size, seq_len = config.data.global_batch_size, config.data.seq_len
+    budget = chip["hbm"] * (1 - headroom)
     rows = []
-    for remat in remats:
+    for context, remat in [(c, r) for c in contexts or [config.mesh[sharding.CONTEXT]]
+                           for r in remats]:
+        at_context = copy.deepcopy(config)
+        at_context.mesh[sharding.CONTEXT] = context
+        mesh = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(at_context.mesh, len(devices))))
+        shards = sharding.size_of(mesh, sharding.BATCH)
         for size in sorted(sizes):
             microbatches, rest = divmod(batch_size, size * shards)
-            if rest or not microbatches:
-                continue  # not a whole number of microbatches: no such run
-            candidate = copy.deepcopy(config)
+            if rest or not microbatches or (context > 1 and seq_len % (2 * context)):
+                continue  # not a whole number of microbatches (or of chunks): no such run
+            candidate = copy.deepcopy(at_context)
             candidate.model.remat, candidate.train.microbatches = remat, microbatches
             plan = _compile_on(candidate, topology, generation, devices)
             cfg = model_config(candidate)
             flops = cfg.flops_per_token(seq_len) + recompute_flops_per_token(cfg, seq_len)
             total = plan.get("total_bytes_per_device")
             rows.append({
-                "seqs_per_chip": size, "microbatches": microbatches, "remat": remat,
+                "context_size": context, "seqs_per_chip": size, "microbatches": microbatches,
+                "remat": remat,
                 "gib_per_chip": None if total is None else round(total / GIB, 2),
                 "fits": total is not None and total <= budget,
                 "compiler_error": plan.get("compiler_error"),
@@ -231,10 +265,12 @@ def plan_candidates(config, topology, sizes=PLAN_SIZES, remats=PLAN_REMAT, headr
                     plan["dcn_bytes_per_device"] / GIB, 3),
                 "compile_s": plan["compile_s"],
                 "overrides": [f"--config.model.remat={remat}",
-                              f"--config.train.microbatches={microbatches}"],
+                              f"--config.train.microbatches={microbatches}"] + (
+                    [f"--config.mesh.{sharding.CONTEXT}={context}"] if contexts else []),
             })
-            logging.info("plan: %d per chip, %d microbatches, remat %s: %s GiB, fits %s",
-                         size, microbatches, remat, rows[-1]["gib_per_chip"], rows[-1]["fits"])
+            logging.info("plan: context %d, %d per shard, %d microbatches, remat %s: %s GiB, "
+                         "fits %s", context, size, microbatches, remat,
+                         rows[-1]["gib_per_chip"], rows[-1]["fits"])
             if not rows[-1]["fits"]:
                 break
     return rows
@@ -242,22 +278,26 @@ def plan_candidates(config, topology, sizes=PLAN_SIZES, remats=PLAN_REMAT, headr
 
 def best_candidate(rows):
     """The fitting row with the highest roofline throughput; of equals, the fewest
-    microbatches (each one gathers the parameters again). None when nothing fits."""
+    microbatches (each one gathers the parameters again), then the least context (each layer
+    gathers keys and values over it). None when nothing fits."""
     fitting = [r for r in rows if r["fits"]]
-    return max(fitting, key=lambda r: (r["roofline_tokens_per_sec_per_chip"], -r["microbatches"]),
-               default=None)
+    return max(fitting, key=lambda r: (r["roofline_tokens_per_sec_per_chip"], -r["microbatches"],
+                                       -r["context_size"]), default=None)
 
 
 def format_plan(rows, header):
     dcn = any(r.get("dcn_gib_per_chip") is not None for r in rows)
-    lines = [header, f"{'seqs/chip':>9} {'microbatches':>12} {'remat':<13} {'GiB/chip':>8} "
+    context = any(r["context_size"] > 1 for r in rows)
+    lines = [header, (f"{'context':>7} " if context else "") +
+             f"{'seqs/chip':>9} {'microbatches':>12} {'remat':<13} {'GiB/chip':>8} "
              f"{'fits':<4} {'tokens/s/chip':>13} {'collective GiB':>14} "
              + (f"{'of it DCN':>9} " if dcn else "") + f"{'compile s':>9}"]
     for r in rows:
         gib = "refused" if r["gib_per_chip"] is None else f"{r['gib_per_chip']:.2f}"
         comm = "" if r["collective_gib_per_chip"] is None else f"{r['collective_gib_per_chip']:.3f}"
         over_dcn = "" if r.get("dcn_gib_per_chip") is None else f"{r['dcn_gib_per_chip']:.3f}"
-        lines.append(f"{r['seqs_per_chip']:>9} {r['microbatches']:>12} {r['remat']:<13} "
+        lines.append((f"{r['context_size']:>7} " if context else "") +
+                     f"{r['seqs_per_chip']:>9} {r['microbatches']:>12} {r['remat']:<13} "
                      f"{gib:>8} {'yes' if r['fits'] else 'no':<4} "
                      f"{r['roofline_tokens_per_sec_per_chip']:>13,} {comm:>14} "
                      + (f"{over_dcn:>9} " if dcn else "") + f"{r['compile_s']:>9}")
@@ -267,9 +307,10 @@ def format_plan(rows, header):
     return "\n".join(lines)
 
 
-def run_plan(config, topology, sizes=PLAN_SIZES, remats=PLAN_REMAT, headroom=0.1):
+def run_plan(config, topology, sizes=PLAN_SIZES, remats=PLAN_REMAT, headroom=0.1,
+             contexts=None):
     """(rows, the printed table) of --plan."""
-    rows = plan_candidates(config, topology, sizes, remats, headroom)
+    rows = plan_candidates(config, topology, sizes, remats, headroom, contexts)
     generation, _, _ = topology.partition(":")
     cfg = model_config(config)
     hbm = CHIPS[generation]["hbm"] / GIB
@@ -292,6 +333,8 @@ def define_flags():
     flags.DEFINE_list("plan_sizes", [str(s) for s in PLAN_SIZES],
                       "--plan: sequences per chip per microbatch to try.")
     flags.DEFINE_list("plan_remat", list(PLAN_REMAT), "--plan: remat policies to try.")
+    flags.DEFINE_list("plan_context", [], "--plan: context sizes (mesh.context) to try, e.g. "
+                      "1,2,4,8; empty: the config's.")
     flags.DEFINE_float("headroom", 0.1, "--plan: fraction of HBM a fitting candidate leaves free.")
     flags.DEFINE_integer(sharding.SLICES, None, "Compile for this many slices of --topology "
                          "joined by the data-center network (sets config.mesh.slices).")
@@ -314,7 +357,8 @@ def main(argv):
     try:
         if FLAGS.plan:
             _, table = run_plan(FLAGS.config, FLAGS.topology, [int(s) for s in FLAGS.plan_sizes],
-                                FLAGS.plan_remat, FLAGS.headroom)
+                                FLAGS.plan_remat, FLAGS.headroom,
+                                [int(c) for c in FLAGS.plan_context] or None)
             print(table)
         else:
             print(json.dumps(compile_plan(FLAGS.config, FLAGS.topology, FLAGS.dcn_gbps)))

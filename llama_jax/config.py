@@ -123,12 +123,11 @@ def model_from_fields(fields, source, fix) -> ModelConfig:
     return ModelConfig(**fields)
 
 
-def model_config(config, platform=None) -> ModelConfig:
-    """The typed ModelConfig of a loose config; with the target platform, attention="auto"
-    becomes that platform's implementation."""
-    cfg = model_from_fields(config.model.to_dict(), "config.model", "remove them or fix their "
-                            "spelling (see llama_jax/model.py ModelConfig)")
-    return cfg if platform is None else resolve_attention(cfg, platform, config.data.seq_len)
+def model_config(config) -> ModelConfig:
+    """The typed ModelConfig of a loose config (attention="auto" still unresolved: validate
+    resolves it for the mesh)."""
+    return model_from_fields(config.model.to_dict(), "config.model", "remove them or fix their "
+                             "spelling (see llama_jax/model.py ModelConfig)")
 
 
 def validate(config, mesh):
@@ -136,9 +135,11 @@ def validate(config, mesh):
     returns the ModelConfig resolved for the mesh's platform. Each key's own range is ranges.py's
     (check_config, which every entry point runs first, before its mesh); here are the facts
     that relate keys to each other and to the mesh."""
-    cfg = model_config(config, mesh.devices.flat[0].platform)
     data, train = config.data, config.train
     sizes = dict(mesh.shape)
+    context = sharding.size_of(sizes, sharding.CONTEXT)
+    cfg = resolve_attention(model_config(config), mesh.devices.flat[0].platform, data.seq_len,
+                            context)
     errors = []
     heads = sharding.size_of(sizes, sharding.weight_axes("heads"))
     if cfg.n_heads % heads or cfg.n_kv_heads % heads:
@@ -162,12 +163,25 @@ def validate(config, mesh):
     if train.warmup_steps >= train.steps:
         errors.append(f"train.warmup_steps={train.warmup_steps} is not shorter than train.steps="
                       f"{train.steps}: lower warmup_steps")
-    if cfg.attention == "splash" and data.seq_len % 128:
-        errors.append(f"data.seq_len={data.seq_len} is not a multiple of 128, which splash "
-                      "attention's blocks need: pick such a seq_len or model.attention='xla'")
-    if train.loss_chunk_size and data.seq_len % train.loss_chunk_size:
+    if cfg.attention == "splash" and data.seq_len % (128 * context):
+        # each device's queries (seq_len / context) fill whole blocks
+        errors.append(f"data.seq_len={data.seq_len} is not a multiple of " + (
+            f"128 x mesh.{sharding.CONTEXT}={128 * context}" if context > 1 else "128") +
+            ", which splash attention's blocks need: pick such a seq_len or "
+            "model.attention='xla'")
+    if train.loss_chunk_size and data.seq_len % (train.loss_chunk_size * context):
         errors.append(f"train.loss_chunk_size={train.loss_chunk_size} does not divide "
-                      f"data.seq_len={data.seq_len}")
+                      f"data.seq_len={data.seq_len}" + (
+                          f" / mesh.{sharding.CONTEXT}={context}" if context > 1 else ""))
+    if context > 1 and data.seq_len % (2 * context):
+        # parallel.balance pairs chunk i with chunk 2*context-1-i of 2*context equal chunks
+        errors.append(f"data.seq_len={data.seq_len} is not a multiple of 2 x mesh."
+                      f"{sharding.CONTEXT}={2 * context}: make seq_len a multiple of "
+                      f"{2 * context} or change mesh.{sharding.CONTEXT}")
+    if context > 1 and cfg.attention == "cudnn":
+        errors.append(f"model.attention={cfg.attention!r} does not run with mesh."
+                      f"{sharding.CONTEXT}={context} (its kernel sees whole sequences): set "
+                      f"model.attention='xla' or mesh.{sharding.CONTEXT}=1")
     if errors:
         raise ValueError("; ".join(errors))
     return cfg

@@ -195,7 +195,7 @@ class Attention(nn.Module):
         key = constrain(rope(linear(x, wk), positions, freqs), KEY_VALUE)
         v = constrain(linear(x, wv), KEY_VALUE)
         if kv is None:
-            out = causal_attention(q, key, v, segment_ids, cfg.attention)
+            out = causal_attention(q, key, v, segment_ids, cfg.attention, positions)
         else:  # decoding attends over cache slots: always the reference (it is one query row)
             start = (0, index, 0, 0)
             key = jax.lax.dynamic_update_slice(kv[0], key.astype(kv[0].dtype), start)

@@ -1,5 +1,6 @@
 """How a step runs on the mesh: the layer stack's memory tactic (remat), gradient accumulation
-over microbatches, the split over slices, and placing parameters for inference. model.py says
+over microbatches, the split over slices, the token order under context parallelism, and
+placing parameters for inference. model.py says
 what is computed; this module says how, so that a new way of running the same model (context or
 pipeline parallelism) changes this file and not the model.
 """
@@ -38,11 +39,56 @@ class Plan:
     def slices(self):
         return 1 if self.mesh is None else sharding.size_of(dict(self.mesh.shape), sharding.DCN)
 
+    @property
+    def context(self):
+        """The devices each sequence is split over (context parallelism); 1: none."""
+        return 1 if self.mesh is None else sharding.size_of(dict(self.mesh.shape),
+                                                            sharding.CONTEXT)
+
 
 def make_plan(mesh, microbatches, param_shardings) -> Plan:
     # microbatches [N, B/N, T]: the leading axis is scanned, each one split like the batch
-    return Plan(mesh, microbatches, NamedSharding(mesh, P(None, sharding.BATCH)),
-                param_shardings)
+    return Plan(mesh, microbatches, NamedSharding(mesh, P(None, *sharding.batch_sharding(
+        mesh).spec)), param_shardings)
+
+
+# ------------------------------------------------------------------ context parallelism
+
+def balance(x, context):
+    """[B, T, ...] -> the same tokens reordered so that context rank r (which holds the r-th
+    of `context` equal runs of T) gets chunks r and 2*context-1-r of 2*context equal chunks.
+
+    Causal attention's work grows with the query's position: split in plain order, the last
+    rank attends over the whole sequence while the first sees one chunk. Paired head with tail,
+    every rank does the same work. A reshape, a flip and a stack (no gather); the loss is a sum
+    over tokens and attention masks by positions and segment ids, so nothing else needs the
+    original order."""
+    if context == 1:
+        return x
+    b, t, rest = x.shape[0], x.shape[1], x.shape[2:]
+    halves = x.reshape(b, 2, context, t // (2 * context), *rest)  # chunks [0, cp), [cp, 2cp)
+    pairs = jnp.stack([halves[:, 0], jnp.flip(halves[:, 1], axis=1)], axis=2)  # [B, cp, 2, C]
+    return pairs.reshape(x.shape)
+
+
+def unbalance(x, context):
+    """balance's inverse: a per-token result back in the batch's order."""
+    if context == 1:
+        return x
+    b, t, rest = x.shape[0], x.shape[1], x.shape[2:]
+    pairs = x.reshape(b, context, 2, t // (2 * context), *rest)
+    return jnp.concatenate([pairs[:, :, 0], jnp.flip(pairs[:, :, 1], axis=1)], axis=1).reshape(
+        x.shape)
+
+
+def balanced(batch, plan: Plan):
+    """The batch in balance's order, each entry laid out as the batch is (a permutation of
+    each row's tokens between context ranks; nothing moves under context 1)."""
+    if plan.context == 1:
+        return batch
+    layout = sharding.batch_sharding(plan.mesh)
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(balance(x, plan.context),
+                                                                   layout), batch)
 
 
 # ------------------------------------------------------------------------------ the layers
@@ -138,7 +184,9 @@ def by_slice(fn, slices):
 def gradients(loss_of, params, batch, plan: Plan):
     """(mean loss, token count, grads) of the global batch; loss_of(params, batch) gives the
     summed loss and the token count. One forward and backward for one microbatch on one
-    slice; otherwise accumulated (accumulated_grads)."""
+    slice; otherwise accumulated (accumulated_grads). Under context parallelism the tokens
+    are load-balanced first (balanced)."""
+    batch = balanced(batch, plan)
     if plan.microbatches == 1 and plan.slices == 1:  # one forward/backward, no scan
         def mean_loss(p, b):
             total, count = loss_of(p, b)
@@ -201,7 +249,8 @@ def accumulated_grads(loss_of, params, batch, plan: Plan):
 def loss_sums(loss_of, params, batch, plan: Plan):
     """(summed loss, token count) of the global batch without gradients: one microbatch at a
     time with microbatches > 1, so evaluation fits wherever training does; over several slices
-    each slice evaluates its rows (by_slice)."""
+    each slice evaluates its rows (by_slice); tokens load-balanced as in training."""
+    batch = balanced(batch, plan)
     loss_of = functools.partial(by_slice(loss_of, plan.slices), params)
     if plan.microbatches == 1:
         total, count = loss_of(batch)

@@ -1,5 +1,5 @@
-"""Parallelism: the device mesh (slices, data, fsdp, tensor) and the logical-axis -> mesh-axis
-rules.
+"""Parallelism: the device mesh (slices, data, fsdp, context, tensor) and the logical-axis ->
+mesh-axis rules.
 
 The model only names logical axes; this module alone decides where they live. A logical name
 missing from the chosen rule table is an error, never a silent replication. The mesh axes are one
@@ -35,13 +35,18 @@ AXES = (
          "across them; 1 = one slice"),
     Axis("data", "ici", True, "pure data parallelism: parameters replicated over it"),
     Axis("fsdp", "ici", True, "ZeRO-3: the batch and every weight's model dim split over it"),
+    # Context parallelism: every activation's sequence dim is split over it (queries stay split
+    # inside attention, keys and values are gathered), so one sequence spreads over several
+    # chips; its ranks also shard the weights and optimizer state with fsdp's (ZeRO over both)
+    Axis("context", "ici", False, "context parallelism: each sequence split over it (seq_len "
+         "a multiple of 2 x context), the weights too"),
     Axis("tensor", "ici", False, "Megatron tensor parallelism over heads, ffn and vocabulary "
          "(the fsdp_tp rules)"),
 )
 MESH_AXES = tuple(a.name for a in AXES)
 BATCH = tuple(a.name for a in AXES if a.batch)  # the batch dimension is split over these
 DCN = tuple(a.name for a in AXES if a.network == "dcn")
-SLICES, DATA, FSDP, TENSOR = MESH_AXES  # for the rules below and parallel.by_slice
+SLICES, DATA, FSDP, CONTEXT, TENSOR = MESH_AXES  # for the rules below and parallel.by_slice
 # base_config's mesh, also where inference puts the parameters (parallel.place): the fsdp axis
 # takes every device, the others are 1
 DEFAULT_MESH = {**{axis: 1 for axis in MESH_AXES}, FSDP: -1}
@@ -52,27 +57,30 @@ DEFAULT_RULES = "fsdp"  # a preset of RULES below
 # model dim differs: a weight's is split over fsdp (ZeRO-3), an activation's never is, since
 # its batch already is. Without the activation names GSPMD is free to follow the weights'
 # fsdp split into the activations, and did: the xla-attention step held the global batch's
-# MLP hidden on every device (docs/distributed.md, "Activation sharding").
+# MLP hidden on every device (docs/distributed.md, "Activation sharding"). An activation's
+# sequence dim ("length") is split over context; a weight's model dim over fsdp and context
+# together, so context ranks hold no more of the weights than fsdp ranks do.
 RULES = {
     # ZeRO-3 style: every matrix is split over fsdp along its model dim; the rest replicated
     # (over data and slices too: no rule names them but the batch).
     "fsdp": {
-        "batch": BATCH, "embed": FSDP, "vocab": None, "heads": None, "kv_heads": None,
-        "head_dim": None, "mlp": None, "norm": None, "layers": None, "length": None,
+        "batch": BATCH, "embed": (FSDP, CONTEXT), "vocab": None, "heads": None,
+        "kv_heads": None, "head_dim": None, "mlp": None, "norm": None, "layers": None,
+        "length": CONTEXT,
         "activation_embed": None,
     },
     # fsdp plus Megatron tensor parallelism over heads, the ffn dim and the vocabulary.
     "fsdp_tp": {
-        "batch": BATCH, "embed": FSDP, "vocab": TENSOR, "heads": TENSOR,
+        "batch": BATCH, "embed": (FSDP, CONTEXT), "vocab": TENSOR, "heads": TENSOR,
         "kv_heads": TENSOR, "head_dim": None, "mlp": TENSOR, "norm": None, "layers": None,
-        "length": None, "activation_embed": None,
+        "length": CONTEXT, "activation_embed": None,
     },
 }
 
 
 def mesh_shape(mesh_config, num_devices):
-    """{'slices': 1, 'data': 1, 'fsdp': -1, 'tensor': 1} -> (1, 1, num_devices, 1); one -1 takes
-    what is left; a missing axis is 1."""
+    """{'slices': 1, 'data': 1, 'fsdp': -1, 'context': 1, 'tensor': 1} -> (1, 1, num_devices,
+    1, 1); one -1 takes what is left; a missing axis is 1."""
     unknown = set(mesh_config) - set(MESH_AXES)
     if unknown:
         raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}: use {MESH_AXES}")
@@ -197,7 +205,8 @@ def tree_shardings(abstract_boxed_tree, mesh, rules_name):
 
 
 def batch_sharding(mesh):
-    return NamedSharding(mesh, P(BATCH))
+    """Every batch entry is [B, T]: rows over the batch axes, each row's tokens over context."""
+    return NamedSharding(mesh, P(BATCH, CONTEXT))
 
 
 def replicated(mesh):
@@ -262,6 +271,13 @@ def activation_spec(names):
         return None
     mesh, rules = active
     return mesh, logical_to_mesh(names, rules)
+
+
+def parts(name):
+    """How many pieces the step being traced splits a logical axis into (1 outside a step):
+    "length" > 1 means the tokens are split over context, so in load-balanced order."""
+    placed = activation_spec((name,))
+    return 1 if placed is None else size_of(dict(placed[0].shape), placed[1][0])
 
 
 def constrain(x, names):

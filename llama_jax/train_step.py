@@ -46,12 +46,16 @@ def _nll_and_grads(hidden, w_out, targets, loss_mask, chunk, grads):
     saves the third (the logits again) that a rematerialised backward needs.
     """
     b, t, d = hidden.shape
-    n = t // chunk
+    # with the sequence split over context, each step takes `chunk` positions from every
+    # rank's own run of T, so no step's hidden sits on a few ranks (the scan axis is unsplit)
+    groups = sharding.parts("length")
+    chunk = min(chunk, t // groups)
+    n, width = t // (groups * chunk), groups * chunk
     w = w_out.astype(hidden.dtype)
 
     def step(carry, xs):
         total, dw = carry
-        h, y, m = (x.reshape(b * chunk, *x.shape[2:]) for x in xs)  # [B*C, D], [B*C], [B*C]
+        h, y, m = (x.reshape(b * width, *x.shape[2:]) for x in xs)  # [B*C, D], [B*C], [B*C]
         logits = (h @ w).astype(jnp.float32)  # 2-D matmuls, as model.linear explains
         lse = jax.nn.logsumexp(logits, axis=-1)
         # the target's logit by a one-hot product, not a gather: with the vocabulary split over
@@ -64,19 +68,20 @@ def _nll_and_grads(hidden, w_out, targets, loss_mask, chunk, grads):
         # d nll / d logits = softmax - onehot(target), zero where the position is masked
         dlogits = (jnp.exp(logits - lse[:, None]) - onehot) * m[:, None]
         dlogits = dlogits.astype(h.dtype)
-        dh = (dlogits @ w.T).reshape(b, chunk, d)
+        dh = (dlogits @ w.T).reshape(b, width, d)
         dw = dw + jnp.einsum("nd,nv->dv", h, dlogits, preferred_element_type=jnp.float32)
         return (total, dw), dh
 
-    def split(x):  # [B, T, ...] -> [n, B, C, ...]
-        return jnp.swapaxes(x.reshape(b, n, chunk, *x.shape[2:]), 0, 1)
+    def split(x):  # [B, T, ...] -> [n, B, groups * C, ...]
+        x = jnp.moveaxis(x.reshape(b, groups, n, chunk, *x.shape[2:]), 2, 0)
+        return x.reshape(n, b, width, *x.shape[4:])
 
     dw0 = jnp.zeros(w_out.shape, jnp.float32) if grads else None
     (total, dw), dh = jax.lax.scan(step, (jnp.zeros((), jnp.float32), dw0),
                                    (split(hidden), split(targets), split(loss_mask)))
     if not grads:
         return total
-    return total, jnp.swapaxes(dh, 0, 1).reshape(b, t, d), dw
+    return total, jnp.moveaxis(dh.reshape(n, b, groups, chunk, d), 0, 2).reshape(b, t, d), dw
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))

@@ -32,7 +32,7 @@ def plans():
 def test_the_plan_for_a_v5e_2x2_slice_holds_the_state_sharded_four_ways(plans):
     plan, config = plans[4], aligned_config(4)
     assert plan["devices"] == 4 and plan["device_kind"] == "TPU v5 lite"
-    assert plan["mesh"] == {"slices": 1, "data": 1, "fsdp": 4, "tensor": 1}
+    assert plan["mesh"] == {"slices": 1, "data": 1, "fsdp": 4, "context": 1, "tensor": 1}
     sizes = plan["bytes_per_device"]
     # arguments: float32 parameters and AdamW's two moments of each, and the five [B, T] 4-byte
     # batch arrays, all split over 4 chips; only the norm scales (0.2% of it) are replicated
@@ -55,7 +55,7 @@ def test_under_fsdp_per_chip_state_falls_as_one_over_chips_and_activations_do_no
     """REFERENCE.md's memory anchor: the per-chip argument memory falls as 1/chips, and the
     activation memory follows the per-chip batch only, never the global batch."""
     four, eight = plans[4], plans[8]
-    assert eight["mesh"] == {"slices": 1, "data": 1, "fsdp": 8, "tensor": 1}
+    assert eight["mesh"] == {"slices": 1, "data": 1, "fsdp": 8, "context": 1, "tensor": 1}
     assert four["bytes_per_device"]["argument"] == pytest.approx(
         2 * eight["bytes_per_device"]["argument"], rel=0.02)
     assert four["bytes_per_device"]["temp"] == pytest.approx(
@@ -73,7 +73,8 @@ def test_splash_attention_compiles_for_tpu_inside_the_sharded_step():
     config.mesh.update(data=1, fsdp=2, tensor=2)
     config.sharding_rules = "fsdp_tp"
     plan = compile_plan_lib.compile_plan(config, "v5e:2x2")
-    assert plan["fits"] is True and plan["mesh"] == {"slices": 1, "data": 1, "fsdp": 2, "tensor": 2}
+    assert plan["fits"] is True and plan["mesh"] == {"slices": 1, "data": 1, "fsdp": 2,
+                                                     "context": 1, "tensor": 2}
     assert plan["attention"] == "splash"
 
 

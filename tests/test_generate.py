@@ -127,7 +127,7 @@ def test_stops_at_eos_per_row_and_rejects_long_prompts():
 def test_parameters_sharded_over_8_devices_generate_the_same_tokens():
     params = params_for(CFG)
     placed = parallel.place(CFG, params)
-    wq = placed["layers"]["attention"]["wq"]  # [L, D, H, E]: D split over fsdp
-    assert len(wq.sharding.device_set) == 8 and wq.sharding.spec[1] == "fsdp"
+    wq = placed["layers"]["attention"]["wq"]  # [L, D, H, E]: D split over fsdp (x context)
+    assert len(wq.sharding.device_set) == 8 and wq.sharding.spec[1] == ("fsdp", "context")
     assert wq.addressable_shards[0].data.shape == (2, 32 // 8, 4, 8)
     assert gen.generate(CFG, placed, PROMPTS, 32) == gen.generate(CFG, params, PROMPTS, 32)

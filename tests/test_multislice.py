@@ -29,13 +29,15 @@ def compiled(mesh_items):
 def test_fake_slices_are_runs_of_consecutive_devices_and_only_the_batch_spans_them():
     step, _ = compiled(tuple(TWO_SLICES.items()))
     mesh = step.mesh
-    assert dict(mesh.shape) == TWO_SLICES
+    assert dict(mesh.shape) == {**TWO_SLICES, "context": 1}
     assert [[d.id for d in s.flat] for s in mesh.devices] == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    # ZeRO within a slice: matrices split over fsdp only, hence replicated across slices
-    assert step.shardings.params["layers"]["attention"]["wq"].spec == P(None, "fsdp", None, None)
+    # ZeRO within a slice: matrices split over fsdp (and context) only, hence replicated
+    # across slices
+    assert step.shardings.params["layers"]["attention"]["wq"].spec == P(
+        None, ("fsdp", "context"), None, None)
     adam = jax.tree.leaves(step.shardings.opt_state)
     assert all("slices" not in str(s.spec) for s in adam)
-    assert sharding.batch_sharding(mesh).spec == P(("slices", "data", "fsdp"))
+    assert sharding.batch_sharding(mesh).spec == P(("slices", "data", "fsdp"), "context")
 
 
 def test_processes_form_slices_where_devices_have_no_slice_index():
@@ -135,7 +137,7 @@ def test_two_tpu_slices_compile_and_report_dcn_apart_from_ici():
     config.mesh.slices = 2
     plan = compile_lib.compile_plan(config, "v5e:2x2", dcn_gbps=100)
     assert plan["devices"] == 8 and plan["mesh"] == {"slices": 2, "data": 1, "fsdp": 4,
-                                                     "tensor": 1}
+                                                     "context": 1, "tensor": 1}
     assert plan["fits"] is True
     assert plan["dcn_bytes_per_device"] + plan["ici_bytes_per_device"] == plan[
         "collective_bytes_per_device"]["total_bytes"]

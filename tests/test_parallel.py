@@ -45,11 +45,11 @@ def test_the_axes_table_drives_the_mesh_the_batch_and_the_ranges():
         assert check.problem("k", -1) is None or axis.network == "dcn"  # only ICI axes fill
     mesh = sharding.make_mesh({sharding.SLICES: 2, sharding.FSDP: 2, sharding.TENSOR: 2})
     assert mesh.axis_names == sharding.MESH_AXES
-    assert dict(mesh.shape) == {"slices": 2, "data": 1, "fsdp": 2, "tensor": 2}
+    assert dict(mesh.shape) == {"slices": 2, "data": 1, "fsdp": 2, "context": 1, "tensor": 2}
     # each slice is one block of devices: slice s holds devices 4s .. 4s + 3
     assert [sorted(d.id for d in mesh.devices[s].flat) for s in range(2)] == [[0, 1, 2, 3],
                                                                               [4, 5, 6, 7]]
-    assert sharding.weight_axes("embed") == (sharding.FSDP,)
+    assert sharding.weight_axes("embed") == (sharding.FSDP, sharding.CONTEXT)
     assert sharding.weight_axes("heads") == (sharding.TENSOR,)
 
 

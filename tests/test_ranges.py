@@ -27,6 +27,7 @@ BAD = {
     "model.rope_scaling_factor": 0.5, "model.rope_low_freq_factor": 0.0,
     "model.rope_high_freq_factor": -4.0, "model.rope_original_max_seq_len": 0,
     "model.tie_embeddings": "no", "mesh.slices": -1, "mesh.data": 0, "mesh.fsdp": -2, "mesh.tensor": 1.5,
+    "mesh.context": 0,
     "sharding_rules": "tp", "data.sources": [], "data.validation_fraction": 1.5,
     "data.seq_len": 0, "data.global_batch_size": 0, "data.shuffle_buffer": 0,
     "data.tokenizer_path": "/nonexistent/tokenizer.model", "data.tokenizer_vocab_size": 10,

@@ -14,11 +14,12 @@ def test_eight_fake_devices_are_present():
 
 
 @pytest.mark.parametrize("mesh, shape", [
-    ({"data": 1, "fsdp": -1, "tensor": 1}, (1, 1, 8, 1)),
-    ({"data": 2, "fsdp": -1, "tensor": 2}, (1, 2, 2, 2)),
-    ({"data": -1, "fsdp": 1, "tensor": 4}, (1, 2, 1, 4)),
-    ({"data": 2, "fsdp": 2, "tensor": 2}, (1, 2, 2, 2)),
-    ({"slices": 2, "data": 1, "fsdp": -1, "tensor": 1}, (2, 1, 4, 1)),
+    ({"data": 1, "fsdp": -1, "tensor": 1}, (1, 1, 8, 1, 1)),
+    ({"data": 2, "fsdp": -1, "tensor": 2}, (1, 2, 2, 1, 2)),
+    ({"data": -1, "fsdp": 1, "tensor": 4}, (1, 2, 1, 1, 4)),
+    ({"data": 2, "fsdp": 2, "tensor": 2}, (1, 2, 2, 1, 2)),
+    ({"slices": 2, "data": 1, "fsdp": -1, "tensor": 1}, (2, 1, 4, 1, 1)),
+    ({"fsdp": 2, "context": -1}, (1, 1, 2, 4, 1)),
 ])
 def test_mesh_shape_fills_the_auto_axis(mesh, shape):
     assert sharding.mesh_shape(mesh, 8) == shape
@@ -69,9 +70,10 @@ def test_fsdp_tp_splits_heads_and_mlp_over_tensor():
     _, shardings = _state_shardings("configs/llama_7b.py",
                                     {"data": 2, "fsdp": 2, "tensor": 2}, "fsdp_tp")
     attn = shardings.params["layers"]["attention"]
-    assert attn["wq"].spec == P(None, "fsdp", "tensor", None)  # [L, D, H, E]
-    assert shardings.params["layers"]["feed_forward"]["w2"].spec == P(None, "tensor", "fsdp")
-    assert shardings.params["output"].spec == P("fsdp", "tensor")
+    zero = ("fsdp", "context")  # the weights' model dim: ZeRO over fsdp and context together
+    assert attn["wq"].spec == P(None, zero, "tensor", None)  # [L, D, H, E]
+    assert shardings.params["layers"]["feed_forward"]["w2"].spec == P(None, "tensor", zero)
+    assert shardings.params["output"].spec == P(zero, "tensor")
 
 
 def test_parameter_that_cannot_be_split_evenly_is_a_clear_error():

@@ -72,7 +72,7 @@ def test_train_end_to_end_logs_evaluates_and_checkpoints(tmp_path, caplog):
         abstract = train_step.build(config, mesh).abstract
         restored[len(restored)] = ckpt.restore(40, abstract)
     assert int(restored[1].step) == 40
-    assert restored[1].params["output"].sharding.spec == P("fsdp", None)
+    assert restored[1].params["output"].sharding.spec == P(("fsdp", "context"), None)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  restored[0].params, restored[1].params)
 
