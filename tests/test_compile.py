@@ -58,8 +58,9 @@ def test_under_fsdp_per_chip_state_falls_as_one_over_chips_and_activations_do_no
     assert eight["mesh"] == {"slices": 1, "data": 1, "fsdp": 8, "context": 1, "tensor": 1}
     assert four["bytes_per_device"]["argument"] == pytest.approx(
         2 * eight["bytes_per_device"]["argument"], rel=0.02)
-    assert four["bytes_per_device"]["temp"] == pytest.approx(
-        eight["bytes_per_device"]["temp"], rel=0.05)
+    # twice the global batch on twice the chips: no more temporaries per chip (measured with
+    # the 3-D attention contractions: 5.55 MB on 8 chips, 5.90 on 4; 5.94 on both before)
+    assert eight["bytes_per_device"]["temp"] <= 1.05 * four["bytes_per_device"]["temp"]
     # twice the global batch is twice the FLOPs, on twice the chips in the same time
     assert eight["flops_per_step"] == 2 * four["flops_per_step"]
     assert eight["roofline_step_s"] == four["roofline_step_s"]
