@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 .PHONY: train test clean
 
 $(STAMP): requirements.txt setup.cfg
+	@echo "First use: installing the pinned requirements into $(VENV) (about 2 minutes, once)"
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements.txt
 	$(VENV)/bin/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .

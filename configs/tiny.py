@@ -17,7 +17,9 @@ def get_config():
     c.data.shuffle_buffer = 256
     c.train.steps = 300
     c.train.lr = 3e-3
-    c.train.warmup_steps = 30
+    # 10% of the run, whatever --config.train.steps says (30 of 300; a 20-step try warms up
+    # over 2), as Levanter's fractional warmup; --config.train.warmup_steps=N still fixes it
+    c.train.warmup_steps = c.train.get_ref("steps") // 10
     c.train.log_every = 20
     c.train.eval_every = 100
     c.train.eval_batches = 8

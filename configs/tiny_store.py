@@ -35,6 +35,6 @@ def get_config(variant="store"):
     c.data.update(seq_len=256, global_batch_size=8, tokenizer_vocab_size=4096,
                   tokenizer_sample_lines=300_000,
                   tokenizer_path="" if variant == "raw" else "runs/tiny_store/tokenizer.model")
-    c.train.update(steps=300, lr=3e-3, warmup_steps=30, log_every=20, eval_every=100,
-                   eval_batches=8)
+    c.train.update(steps=300, lr=3e-3, log_every=20, eval_every=100, eval_batches=8)
+    c.train.warmup_steps = c.train.get_ref("steps") // 10  # 10% of the run, as configs/tiny.py
     return c

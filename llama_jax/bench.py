@@ -10,13 +10,31 @@ import statistics
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from llama_jax import ranges, sharding, train_step
-from llama_jax.metrics import peak_flops
+from llama_jax import cli
+
+
+def define_flags():
+    """Defined only when run as a program, so tests can import every entry point at once."""
+    config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
+                                    lock_config=True)
+    flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up step); 0: compile only.")
+    flags.DEFINE_integer("documents", 1, "Documents per row of the synthetic batch, equal "
+                         "lengths, passed as segment ids as packed training data is; 0: no "
+                         "segment ids (plain causal attention over the whole row).")
+
+
+if __name__ == "__main__":  # --help and flag or config errors answer before JAX loads
+    define_flags()
+    cli.parse_flags()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from llama_jax import ranges, sharding, train_step  # noqa: E402
+from llama_jax.metrics import peak_flops  # noqa: E402
 
 
 def synthetic_batch(mesh, batch_size, seq_len, vocab_size, documents=1):
@@ -89,16 +107,6 @@ def bench(config, steps, documents=1):
     return result
 
 
-def define_flags():
-    """Defined only when run as a program, so tests can import every entry point at once."""
-    config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
-                                    lock_config=True)
-    flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up step); 0: compile only.")
-    flags.DEFINE_integer("documents", 1, "Documents per row of the synthetic batch, equal "
-                         "lengths, passed as segment ids as packed training data is; 0: no "
-                         "segment ids (plain causal attention over the whole row).")
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -117,5 +125,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    ranges.run_app(app.run, main)
+    cli.run(main)

@@ -23,23 +23,58 @@ import time
 # the TPU is only a compile target: never let JAX probe for a local accelerator
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from llama_jax import cli
+
+# Gb/s of data-center network per TPU VM host assumed by the DCN step-time bound (--dcn_gbps);
+# TPU VM hosts have 100-200 Gb/s
+DCN_GBPS = 100
+PLAN_SIZES = (1, 2, 4, 8, 16)  # sequences per chip per microbatch
+PLAN_REMAT = ("full", "minimal", "dots_saveable", "none")  # least memory first
+
+
+def define_flags():
+    """Defined only when run as a program, so tests can import every entry point at once."""
+    config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
+                                    lock_config=True)
+    flags.DEFINE_string("topology", None, "GENERATION:CHIPS, e.g. v5p:2x2x1, v4:4x4x4, v5e:16x16.")
+    flags.DEFINE_bool("plan", False, "Compile every (sequences per chip per microbatch, remat) "
+                      "candidate and print a table and the best fitting choice's overrides.")
+    flags.DEFINE_list("plan_sizes", [str(s) for s in PLAN_SIZES],
+                      "--plan: sequences per chip per microbatch to try.")
+    flags.DEFINE_list("plan_remat", list(PLAN_REMAT), "--plan: remat policies to try.")
+    flags.DEFINE_list("plan_context", [], "--plan: context sizes (mesh.context) to try, e.g. "
+                      "1,2,4,8; empty: the config's.")
+    flags.DEFINE_float("headroom", 0.1, "--plan: fraction of HBM a fitting candidate leaves free.")
+    flags.DEFINE_float("dcn_gbps", DCN_GBPS, "Data-center network Gb/s per TPU host, for the "
+                       "step time the DCN bytes imply.")
+
+
+if __name__ == "__main__":  # --help answers before JAX loads
+    define_flags()
+    cli.answer_help()
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-from llama_jax import ranges, sharding, train_step  # noqa: E402
+from llama_jax import quiet, ranges, sharding, train_step  # noqa: E402
 from llama_jax.config import model_config  # noqa: E402
 from llama_jax.hlo import collective_bytes  # noqa: E402
 from llama_jax.metrics import CHIPS, GIB  # noqa: E402
 from llama_jax.model import DTYPES  # noqa: E402
 
+if __name__ == "__main__":
+    # named after the mesh axis it sets, which only sharding.py spells: defined (and the flags
+    # parsed) once it is imported; the docstring above documents it for --help
+    flags.DEFINE_integer(sharding.SLICES, None, "Compile for this many slices of --topology "
+                         "joined by the data-center network (sets config.mesh.slices).")
+    cli.parse_flags()
+
 
 TPUS = [name for name in CHIPS if name.startswith("v")]
-# Gb/s of data-center network per TPU VM host assumed by the DCN step-time bound (--dcn_gbps);
-# TPU VM hosts have 100-200 Gb/s
-DCN_GBPS = 100
 INSTALL = "pip install 'llama_jax[tpu]' (or: pip install 'jax[tpu]==0.10.2')"
 
 
@@ -59,7 +94,9 @@ def topology_devices(topology, slices=1):
     if slices > 1:  # the devices then carry their slice_index, as on a multi-slice job
         kwargs["num_slices"] = slices
     try:
-        topo = topologies.get_topology_desc(topology_name=topology, platform="tpu", **kwargs)
+        with quiet.native_notices_filtered():  # libtpu probing for a TPU this host lacks
+            topo = topologies.get_topology_desc(topology_name=topology, platform="tpu",
+                                                **kwargs)
     except jax.errors.JaxRuntimeError as e:
         first_line = (str(e).splitlines() or [""])[0][:200]
         raise ValueError(f"libtpu does not know topology {topology!r} ({first_line}): use the "
@@ -201,8 +238,6 @@ def context_minimum_bytes(cfg, mesh_shape, batch_size, seq_len):
 # ---------------------------------------------------------------------------------------------
 # The planner: python -m llama_jax.compile --plan --config=... --topology=...
 
-PLAN_SIZES = (1, 2, 4, 8, 16)  # sequences per chip per microbatch
-PLAN_REMAT = ("full", "minimal", "dots_saveable", "none")  # least memory first
 
 
 def recompute_flops_per_token(cfg, seq_len):
@@ -323,25 +358,6 @@ def run_plan(config, topology, sizes=PLAN_SIZES, remats=PLAN_REMAT, headroom=0.1
     return rows, format_plan(rows, header)
 
 
-def define_flags():
-    """Defined only when run as a program, so tests can import every entry point at once."""
-    config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
-                                    lock_config=True)
-    flags.DEFINE_string("topology", None, "GENERATION:CHIPS, e.g. v5p:2x2x1, v4:4x4x4, v5e:16x16.")
-    flags.DEFINE_bool("plan", False, "Compile every (sequences per chip per microbatch, remat) "
-                      "candidate and print a table and the best fitting choice's overrides.")
-    flags.DEFINE_list("plan_sizes", [str(s) for s in PLAN_SIZES],
-                      "--plan: sequences per chip per microbatch to try.")
-    flags.DEFINE_list("plan_remat", list(PLAN_REMAT), "--plan: remat policies to try.")
-    flags.DEFINE_list("plan_context", [], "--plan: context sizes (mesh.context) to try, e.g. "
-                      "1,2,4,8; empty: the config's.")
-    flags.DEFINE_float("headroom", 0.1, "--plan: fraction of HBM a fitting candidate leaves free.")
-    flags.DEFINE_integer(sharding.SLICES, None, "Compile for this many slices of --topology "
-                         "joined by the data-center network (sets config.mesh.slices).")
-    flags.DEFINE_float("dcn_gbps", DCN_GBPS, "Data-center network Gb/s per TPU host, for the "
-                       "step time the DCN bytes imply.")
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -367,5 +383,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    ranges.run_app(app.run, main)
+    cli.run(main)

@@ -20,15 +20,36 @@ import pathlib
 import re
 import sys
 
-import jax
-import numpy as np
 from absl import app, flags
-from safetensors.numpy import load_file, save_file
 
-from llama_jax import checkpoint
-from llama_jax.attention import resolve_attention
-from llama_jax.data.tokenizer import BOS_ID, EOS_ID, install, load_tokenizer, tokenizer_file
-from llama_jax.model import DTYPES, ModelConfig
+from llama_jax import cli
+
+
+def define_flags():
+    """Defined only when run as a program, so importing this module never clashes with the
+    flags of other entry points in the same process (tests import several)."""
+    flags.DEFINE_enum("from", None, ["hf", "meta"], "Convert from this format into a workdir.")
+    flags.DEFINE_enum("to", None, ["hf"], "Convert a workdir's latest checkpoint to this format.")
+    flags.DEFINE_string("src", None, "Source directory (HF or Meta model, or a workdir).")
+    flags.DEFINE_string("dst", None, "Destination directory (a workdir, or an HF model).")
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, "With --to: the config the workdir was "
+                                    "trained with; needed only without model.json.")
+
+
+if __name__ == "__main__":  # --help and flag or config errors answer before JAX loads
+    define_flags()
+    cli.parse_flags()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+from llama_jax import checkpoint  # noqa: E402
+from llama_jax.attention import resolve_attention  # noqa: E402
+from llama_jax.data.tokenizer import (BOS_ID, EOS_ID, install, load_tokenizer,  # noqa: E402
+                                      tokenizer_file)
+from llama_jax.model import DTYPES, ModelConfig  # noqa: E402
 
 
 def _torch():
@@ -371,18 +392,6 @@ def load_meta(src):
 
 # -------------------------------------------------------------------------------------- CLI
 
-def define_flags():
-    """Defined only when run as a program, so importing this module never clashes with the
-    flags of other entry points in the same process (tests import several)."""
-    flags.DEFINE_enum("from", None, ["hf", "meta"], "Convert from this format into a workdir.")
-    flags.DEFINE_enum("to", None, ["hf"], "Convert a workdir's latest checkpoint to this format.")
-    flags.DEFINE_string("src", None, "Source directory (HF or Meta model, or a workdir).")
-    flags.DEFINE_string("dst", None, "Destination directory (a workdir, or an HF model).")
-    from ml_collections import config_flags
-    config_flags.DEFINE_config_file("config", None, "With --to: the config the workdir was "
-                                    "trained with; needed only without model.json.")
-
-
 def main(argv):
     fl = flags.FLAGS
     source = fl["from"].value
@@ -412,6 +421,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    from llama_jax import ranges  # a missing --config or a misspelt override is one line
-    ranges.run_app(app.run, main)
+    cli.run(main)

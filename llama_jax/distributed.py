@@ -6,8 +6,6 @@ Call initialize() first in an entry point, before anything touches a JAX device.
 import os
 import sys
 
-import jax
-import orbax.checkpoint as ocp
 from absl import flags, logging
 
 
@@ -28,6 +26,7 @@ _NO_CLUSTER = "coordinator_address should be defined"
 
 def initialize(coordinator=None, num_processes=None, process_id=None):
     """Joins the job described by the arguments or the environment; a no-op for one process."""
+    import jax  # here, not above: an entry point defines our flags before it loads JAX
     explicit = (coordinator, num_processes, process_id)
     if any(x is not None for x in explicit):
         if any(x is None for x in explicit):
@@ -65,6 +64,8 @@ def initialize_from_flags():
 def barrier(name, timeout_s=3600):
     """Waits until every process reaches `name`. A coordination-service barrier, not a device
     collective: CPU (gloo) collectives give up after 30 s, too soon for e.g. tokenizer training."""
+    import jax
+    import orbax.checkpoint as ocp
     ocp.multihost.sync_global_processes(name, timeout=timeout_s,
                                         processes=set(range(jax.process_count())))
 
@@ -74,6 +75,7 @@ def exit_failed(message):
     would wait (up to 5 minutes) at a shutdown barrier for peers that are themselves stuck
     waiting for this process; its death is what tells them (and the launcher) to stop."""
     print(message, file=sys.stderr, flush=True)
+    import jax
     if jax.distributed.is_initialized():
         logging.flush()
         sys.stdout.flush()

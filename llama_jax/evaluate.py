@@ -13,12 +13,34 @@ import json
 import math
 import sys
 
-import jax
-import numpy as np
 from absl import app, flags
 
-from llama_jax import checkpoint, parallel, ranges, train_step
-from llama_jax.model import Llama
+from llama_jax import cli
+
+
+def define_flags():
+    """Defined only when run as a program, so tests can import every entry point at once."""
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, "configs/*.py of a training workdir (its "
+                                    "model and data sections); optional with model.json.")
+    flags.DEFINE_string("workdir", None, "Workdir: latest checkpoint and tokenizer.")
+    flags.DEFINE_list("sources", [], "Evaluate only these data.sources names (default: all).")
+    flags.DEFINE_integer("seq_len", 0, "Tokens per row; default data.seq_len of --config, "
+                         "else min(model.max_seq_len, 2048).")
+    flags.DEFINE_integer("batch_size", 8, "Rows per evaluation step.")
+    flags.DEFINE_integer("max_batches", 0, "Per source, stop after this many batches (0: the "
+                         "whole split).")
+
+
+if __name__ == "__main__":  # --help and flag or config errors answer before JAX loads
+    define_flags()
+    cli.parse_flags()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from llama_jax import checkpoint, parallel, ranges, train_step  # noqa: E402
+from llama_jax.model import Llama  # noqa: E402
 
 
 def rows(token_docs, seq_len):
@@ -56,7 +78,8 @@ def evaluate_texts(cfg, params, tokenizer, texts, seq_len, batch_size, max_batch
     step = jax.jit(functools.partial(train_step.eval_step, model=Llama(cfg), chunk_size=0))
     keys = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
     all_rows = list(rows(docs, seq_len))
-    if max_batches:  # a quick look: a prefix of the documents, counted whole
+    whole = not max_batches or len(all_rows) <= max_batches * batch_size
+    if not whole:  # a quick look: a prefix of the documents, counted whole
         all_rows = all_rows[:max_batches * batch_size]
     nll = count = 0.0
     for b in range(0, len(all_rows), batch_size):
@@ -73,9 +96,13 @@ def evaluate_texts(cfg, params, tokenizer, texts, seq_len, batch_size, max_batch
     n_bytes = (sum(len(t.encode("utf-8")) for t in texts) if count == scored else
                _bytes_of_prefix(docs, texts, int(count)))
     loss = nll / count
+    # which batches: training's eval loss is its first train.eval_batches batches of packed
+    # rows, so the three figures differ (docs/training.md, "Three eval losses")
     return {"loss": loss, "perplexity": math.exp(loss),
             "bits_per_byte": nll / (math.log(2) * n_bytes), "tokens": int(count),
-            "bytes": n_bytes}
+            "bytes": n_bytes, "batches": -(-len(all_rows) // batch_size),
+            "of": "the whole validation split" if whole else
+                  f"the first {max_batches} batches (--max_batches)"}
 
 
 def _bytes_of_prefix(docs, texts, targets):
@@ -143,22 +170,9 @@ def evaluate_sources(cfg, params, tokenizer, entries, validation_fraction, seq_l
     n_bytes = sum(r["bytes"] for r in results)
     results.append({"source": "all", "loss": nll / tokens, "perplexity": math.exp(nll / tokens),
                     "bits_per_byte": nll / (math.log(2) * n_bytes), "tokens": tokens,
-                    "bytes": n_bytes})
+                    "bytes": n_bytes, "batches": sum(r["batches"] for r in results),
+                    "of": "the sources above, token-weighted"})
     return results
-
-
-def define_flags():
-    """Defined only when run as a program, so tests can import every entry point at once."""
-    from ml_collections import config_flags
-    config_flags.DEFINE_config_file("config", None, "configs/*.py of a training workdir (its "
-                                    "model and data sections); optional with model.json.")
-    flags.DEFINE_string("workdir", None, "Workdir: latest checkpoint and tokenizer.")
-    flags.DEFINE_list("sources", [], "Evaluate only these data.sources names (default: all).")
-    flags.DEFINE_integer("seq_len", 0, "Tokens per row; default data.seq_len of --config, "
-                         "else min(model.max_seq_len, 2048).")
-    flags.DEFINE_integer("batch_size", 8, "Rows per evaluation step.")
-    flags.DEFINE_integer("max_batches", 0, "Per source, stop after this many batches (0: the "
-                         "whole split).")
 
 
 def main(argv):
@@ -189,5 +203,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    ranges.run_app(app.run, main)
+    cli.run(main)

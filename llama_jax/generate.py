@@ -13,13 +13,38 @@ import functools
 import pathlib
 import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
-from llama_jax import checkpoint, convert, parallel, ranges
-from llama_jax.model import Llama, ModelConfig, init_cache, output_matrix
+from llama_jax import cli
+
+
+def define_flags():
+    """Defined only when run as a program, so tests can import every entry point at once."""
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, "configs/*.py the workdir was trained with; "
+                                    "needed only without model.json.")
+    flags.DEFINE_string("workdir", None, "Workdir: latest checkpoint and tokenizer.")
+    flags.DEFINE_string("hf", None, "Hugging Face model directory (instead of --workdir).")
+    flags.DEFINE_string("tokenizer", None, "SentencePiece .model or Hugging Face tokenizer.json;"
+                        " default: the one beside the weights.")
+    flags.DEFINE_multi_string("prompt", [], "Prompt text; repeat for a batch.")
+    flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt at most.")
+    flags.DEFINE_float("temperature", 0.0, "0 decodes greedily.")
+    flags.DEFINE_integer("top_k", 0, "Sample among the k likeliest tokens (0: all).")
+    flags.DEFINE_float("top_p", 1.0, "Sample within this much probability mass (1: all).")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+if __name__ == "__main__":  # --help and flag or config errors answer before JAX loads
+    define_flags()
+    cli.parse_flags()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from llama_jax import checkpoint, convert, parallel, ranges  # noqa: E402
+from llama_jax.model import Llama, ModelConfig, init_cache, output_matrix  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,23 +142,6 @@ def generate(cfg: ModelConfig, params, prompts, max_new_tokens, sampling=Samplin
     return out
 
 
-def define_flags():
-    """Defined only when run as a program, so tests can import every entry point at once."""
-    from ml_collections import config_flags
-    config_flags.DEFINE_config_file("config", None, "configs/*.py the workdir was trained with; "
-                                    "needed only without model.json.")
-    flags.DEFINE_string("workdir", None, "Workdir: latest checkpoint and tokenizer.")
-    flags.DEFINE_string("hf", None, "Hugging Face model directory (instead of --workdir).")
-    flags.DEFINE_string("tokenizer", None, "SentencePiece .model or Hugging Face tokenizer.json;"
-                        " default: the one beside the weights.")
-    flags.DEFINE_multi_string("prompt", [], "Prompt text; repeat for a batch.")
-    flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt at most.")
-    flags.DEFINE_float("temperature", 0.0, "0 decodes greedily.")
-    flags.DEFINE_integer("top_k", 0, "Sample among the k likeliest tokens (0: all).")
-    flags.DEFINE_float("top_p", 1.0, "Sample within this much probability mass (1: all).")
-    flags.DEFINE_integer("seed", 0, "Sampling seed.")
-
-
 def main(argv):
     from llama_jax.data.tokenizer import load_tokenizer
     fl = flags.FLAGS
@@ -182,5 +190,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    ranges.run_app(app.run, main)
+    cli.run(main)

@@ -1,13 +1,13 @@
-"""Watching a run: metrics.jsonl, TensorBoard scalars, a terminal progress line, MFU.
+"""Watching a run: metrics.jsonl, TensorBoard scalars, one short terminal line per log step, MFU.
 
 Only process 0 writes. metrics.jsonl is the record tests and plots read; TensorBoard gets the
-same values under WORKDIR/tensorboard; the progress line is for a person at a terminal.
+same values under WORKDIR/tensorboard; the terminal gets step, loss, tokens/s, MFU (where a
+datasheet peak makes it meaningful) and the time left, nanoGPT style.
 """
 
 import functools
 import json
 import pathlib
-import sys
 import time
 
 import jax
@@ -86,12 +86,14 @@ def _duration(seconds):
 
 
 class MetricsWriter:
-    def __init__(self, workdir, enabled=True, total_steps=None, config_text=None):
+    """show_mfu: put MFU on the terminal line. Off on CPU, where the peak is a matmul measured
+    once on a shared host (the share varies, so "MFU" can read near 1); metrics.jsonl keeps it."""
+
+    def __init__(self, workdir, enabled=True, total_steps=None, config_text=None, show_mfu=True):
         self.enabled = enabled
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
-        self.total_steps = total_steps
-        self.tty = sys.stderr.isatty()
-        self.started = time.time()
+        self.total_steps, self.show_mfu = total_steps, show_mfu
+        self.first = None  # (step, time) of the first train record: the ETA's rate since then
         self.tb = None
         if enabled:
             import tensorflow as tf  # only process 0 pays for the TensorBoard writer
@@ -102,6 +104,7 @@ class MetricsWriter:
                     tf.summary.text("config", f"```\n{config_text}\n```", step=0)
 
     def write(self, step, values, prefix="train"):
+        """One record in metrics.jsonl and TensorBoard; a train record is also a terminal line."""
         if not self.enabled:
             return
         record = {"step": int(step), **{k: float(v) for k, v in values.items()}}
@@ -113,24 +116,34 @@ class MetricsWriter:
                     tag = f"{prefix}/{key.removeprefix(prefix + '_')}"  # eval_loss -> eval/loss
                     self.tf.summary.scalar(tag, value, step=int(step))
         self.tb.flush()
-        line = "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step")
-        logging.info("step %d  %s", step, line)
-        if self.tty and prefix == "train" and self.total_steps:
-            self._progress(step, record)
+        if prefix == "train":
+            logging.info("%s", self.train_line(step, record))
 
-    def _progress(self, step, record):
-        rate = (time.time() - self.started) / max(step, 1)
-        eta = _duration(rate * (self.total_steps - step))
-        mfu = f"  MFU {100 * record['mfu']:.1f}%" if "mfu" in record else ""
-        sys.stderr.write(f"\rstep {step}/{self.total_steps}  loss {record.get('loss', 0):.4f}  "
-                         f"{record.get('tokens_per_sec', 0):,.0f} tok/s{mfu}  ETA {eta}   ")
-        sys.stderr.flush()
+    def step_text(self, step):
+        return f"step {step}/{self.total_steps}" if self.total_steps else f"step {step}"
+
+    def train_line(self, step, record):
+        """'step 40/300 | loss 5.1234 | 3,210 tok/s | MFU 31.2% | ETA 2m10s'."""
+        parts = [self.step_text(step)]
+        if "loss" in record:
+            parts.append(f"loss {record['loss']:.4f}")
+        if "tokens_per_sec" in record:
+            parts.append(f"{record['tokens_per_sec']:,.0f} tok/s")
+        if self.show_mfu and "mfu" in record:
+            parts.append(f"MFU {100 * record['mfu']:.1f}%")
+        now = time.time()
+        if self.first is None:
+            self.first = (step, now, record.get("step_time_s", 0.0))
+        first_step, first_time, step_time = self.first
+        if step > first_step:  # evaluations and checkpoints included: the time it will take
+            step_time = (now - first_time) / (step - first_step)
+        if self.total_steps and step_time:
+            parts.append(f"ETA {_duration(step_time * (self.total_steps - step))}")
+        return " | ".join(parts)
 
     def close(self):
         if self.tb is not None:
             self.tb.close()
-        if self.tty and self.enabled:
-            sys.stderr.write("\n")
 
 
 def read_metrics(workdir):

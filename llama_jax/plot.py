@@ -13,10 +13,7 @@ import sys
 
 from absl import app, flags
 
-from llama_jax import goodput, ranges
-from llama_jax.metrics import read_metrics
-
-INSTALL_HINT = "pip install -r requirements.txt (or: pip install matplotlib==3.11.2)"
+from llama_jax import cli
 
 
 def define_flags():
@@ -24,6 +21,17 @@ def define_flags():
     flags.DEFINE_multi_string("workdir", None, "A training workdir (repeat for several runs).")
     flags.DEFINE_string("out", "loss.png", "The PNG to write.")
     flags.DEFINE_bool("goodput", False, "Plot each run's wall time by part instead of its loss.")
+
+
+if __name__ == "__main__":  # --help and flag or config errors answer before JAX loads
+    define_flags()
+    cli.parse_flags()
+
+from llama_jax import goodput, ranges  # noqa: E402
+from llama_jax.metrics import read_metrics  # noqa: E402
+
+
+INSTALL_HINT = "pip install -r requirements.txt (or: pip install matplotlib==3.11.2)"
 
 
 def pyplot():
@@ -149,5 +157,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main)

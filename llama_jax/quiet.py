@@ -27,6 +27,21 @@ NATIVE_NOTICES = re.compile("|".join([
     r"rebuild TensorFlow with the appropriate compiler flags",
     r"failed call to cuInit",  # TensorFlow's own GPU probe; its GPUs are hidden either way
     r"precompiled_charsmap is empty\. use identity normalization",  # our identity normaliser
+    # libtpu loaded for compile-only TPU devices (compile.py) looks for a TPU VM's settings
+    r"Failed to find host bounds for accelerator type",
+    r"could not determine TPU accelerator type",
+    r"Logging before InitGoogle\(\) is written to STDERR",
+    r"INVALID_ARGUMENT: Error: unexpected worker hostname",
+    r"^=== Source Location Trace: === *$",
+    r"^\S*/libtpu_init_utils\.cc:\d+$",
+]))
+# Orbax warnings about healthy checkpoints: the read-only manager that evaluate, generate and
+# convert open (Orbax warns that it changed the options read-only implies) and a step saved
+# without the optional metadata file
+HEALTHY_CHECKPOINT_WARNINGS = re.compile("|".join([
+    r"CheckpointManagerOptions\.read_only=True, setting",
+    r"Given directory is read only=",
+    r"Metadata file does not exist: .*_CHECKPOINT_METADATA",
 ]))
 # Python packages whose INFO records are bookkeeping (Orbax logs ~80 lines per checkpoint,
 # TensorFlow one per saved data-iterator state)
@@ -74,11 +89,14 @@ class LibraryInfoFilter(logging.Filter):
     them. Orbax logs through absl's logger, which is ours too, so the file decides."""
 
     def filter(self, record):
-        if record.levelno >= logging.WARNING or VERBOSE:
+        if VERBOSE:
             return True
         path = record.pathname.replace("\\", "/")
         if not any(f"/{package}/" in path for package in QUIET_PACKAGES):
             return True
+        if record.levelno >= logging.WARNING:
+            return not (record.levelno == logging.WARNING and "/orbax/" in path and
+                        HEALTHY_CHECKPOINT_WARNINGS.search(record.getMessage()))
         from absl import logging as absl_logging
         return absl_logging.get_verbosity() >= 1  # --verbosity=1 (DEBUG) shows them all
 
@@ -87,9 +105,43 @@ def install_log_filter():
     """On absl's handler, which app.run puts on the root logger: every entry point's output
     passes through it, whichever logger a record comes from."""
     from absl import logging as absl_logging
-    handler = absl_logging.get_absl_handler()
-    if not any(isinstance(f, LibraryInfoFilter) for f in handler.filters):
-        handler.addFilter(LibraryInfoFilter())
+    # and on absl's logger, for a program that never starts absl's app (lm-eval's command line):
+    # Orbax logs through it to whatever handler that program set up
+    for where in (absl_logging.get_absl_handler(), logging.getLogger("absl")):
+        if not any(isinstance(f, LibraryInfoFilter) for f in where.filters):
+            where.addFilter(LibraryInfoFilter())
+
+
+class PlainFormatter(logging.Formatter):
+    """A log line as the message alone (a warning or error says so first): absl's prefix of
+    date, thread id and file:line is for debugging the libraries, not for reading a run."""
+
+    def format(self, record):
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname}: {text}"
+
+
+def plain_log_lines():
+    """Called by an entry point once absl's app has started (cli.run); LLAMA_JAX_VERBOSE=1 keeps
+    absl's prefixes."""
+    if VERBOSE:
+        return
+    from absl import logging as absl_logging
+    absl_logging.get_absl_handler().setFormatter(PlainFormatter("%(message)s"))
+
+
+def import_tensorflow():
+    """TensorFlow, its native start-up notices filtered and its GPUs hidden: the full package
+    (tensorflow-text needs it) would otherwise claim accelerator memory that belongs to JAX, and
+    its first op probes CUDA ("failed call to cuInit" on a host without a GPU); the input
+    pipeline runs on the host CPU."""
+    with native_notices_filtered():
+        import tensorflow as tf
+        try:
+            tf.config.set_visible_devices([], "GPU")
+        except RuntimeError:  # TensorFlow was already initialised by the caller: its choice stands
+            pass
+    return tf
 
 
 @contextlib.contextmanager

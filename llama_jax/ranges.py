@@ -7,7 +7,6 @@ import dataclasses
 import difflib
 import math
 import pathlib
-import sys
 from typing import Any, Callable
 
 from llama_jax import sharding
@@ -224,7 +223,7 @@ def flat(config, prefix=""):
 def config_problems(config):
     """Every range violation of a config and of its data.sources entries, as messages."""
     values = flat(config)
-    problems = [f"{key} is not a known setting: remove it or fix its spelling{_near(key)}"
+    problems = [f"{key} is not a known setting: remove it or fix its spelling{near(key)}"
                 for key in sorted(set(values) - set(CONFIG))]
     problems += [m for key, check in CONFIG.items()
                  if key in values and (m := check.problem(key, values[key]))]
@@ -270,70 +269,10 @@ def check_flags(tool, values):
         raise ValueError("; ".join(problems))
 
 
-def _near(key):
+def near(key):
     """' (did you mean train.steps?)' for the keys of the same section spelt alike, or ''."""
     section = key.rpartition(".")[0]
     keys = [k for k in CONFIG if k.rpartition(".")[0] == section]
     # a misspelt section (trian.steps) has no keys of its own: compare with every key
     near = difflib.get_close_matches(key, keys or list(CONFIG), n=2, cutoff=0.8)
     return f" (did you mean {' or '.join(near)}?)" if near else ""
-
-
-def unknown_override(error, argv):
-    """The one-line message for a --config.a.b=... override that names no key, from the
-    AttributeError or KeyError ml_collections raises while parsing flags (it names the first
-    unknown part: a key, or a misspelt section), with the nearest known keys."""
-    overrides = [a.split("=")[0].removeprefix("--config.") for a in argv
-                 if a.startswith("--config.")]
-    # str() of a KeyError (raised bare, or inside an AttributeError) is its message's repr,
-    # whose quotes are escaped
-    text = str(error).replace("\\'", "'")
-    key = next((o for o in overrides if any(f"'{part}'" in text for part in o.split("."))),
-               None)
-    if key is None:
-        return None
-    near = _near(key).replace(" or ", " or --config.").replace("mean ", "mean --config.")
-    return f"error: --config.{key} is not a setting{near or ' (docs/configs.md lists them)'}"
-
-
-def config_file_problem():
-    """The one-line message for a --config=PATH that ml_collections could not read (a missing
-    or unreadable file), or None when it loaded or the tool has no --config. A config file whose
-    own code raises keeps its traceback: it points into that file."""
-    from absl import flags
-    if "config" not in flags.FLAGS:
-        return None
-    try:
-        config = flags.FLAGS.config
-        if config is not None:  # a failed load is a stand-in that raises on any attribute
-            config.keys  # noqa: B018
-        return None
-    except OSError as e:
-        path = flags.FLAGS["config"].config_filename
-        if not pathlib.Path(path).is_file():
-            return (f"error: --config={path}: no such file: pass a configs/*.py path (relative "
-                    "paths start at the current directory)")
-        # ml_collections lists the paths it attempted; the last line is the error itself
-        cause = (str(e).strip().splitlines() or [""])[-1].strip()
-        return f"error: --config={path} cannot be read ({cause}): fix its permissions"
-
-
-def run_app(run, main):
-    """absl's app.run(main), except that a config the flags could not build (an override naming
-    no key, a missing or broken --config file) is one line."""
-    started = []
-
-    def checked(argv):
-        started.append(True)  # from here on an exception is main's own, not the parsing's
-        message = config_file_problem()
-        if message is not None:
-            sys.exit(message)
-        return main(argv)
-
-    try:
-        run(checked)
-    except (AttributeError, KeyError) as e:  # raised by ml_collections while the flags are parsed
-        message = None if started else unknown_override(e, sys.argv)
-        if message is None:
-            raise
-        sys.exit(message)

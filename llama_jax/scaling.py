@@ -19,11 +19,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llama_jax import plot, ranges
-from llama_jax.config import load_config, model_config
-from llama_jax.data import tokenizer as tokenizer_lib
-from llama_jax.metrics import read_metrics
-from llama_jax.train import train
+from llama_jax import cli
 
 DEFAULT_CONFIG = "configs/tiny.py"
 DEFAULT_SIZES = ["128x2", "192x3", "256x4", "384x6"]
@@ -39,6 +35,19 @@ def define_flags():
     flags.DEFINE_string("workdir", None, "Study directory: one run per size, results.")
     flags.DEFINE_float("budget", DEFAULT_BUDGET, "Training FLOPs per model size.")
     flags.DEFINE_list("sizes", DEFAULT_SIZES, "Model sizes as DIMxLAYERS, e.g. 256x4.")
+
+
+if __name__ == "__main__":  # --help and flag or config errors answer before JAX loads
+    define_flags()
+    cli.parse_flags()
+
+from llama_jax import plot  # noqa: E402
+from llama_jax.config import load_config, model_config  # noqa: E402
+from llama_jax.data import tokenizer as tokenizer_lib  # noqa: E402
+from llama_jax.metrics import read_metrics  # noqa: E402
+from llama_jax.train import train  # noqa: E402
+
+
 
 
 def parse_size(text):
@@ -209,5 +218,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    ranges.run_app(app.run, main)
+    cli.run(main)

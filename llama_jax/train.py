@@ -18,16 +18,32 @@ import threading
 import time
 import traceback
 
-import jax
 from absl import app, flags, logging
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from llama_jax import (checkpoint, distributed, goodput, lock, ranges, sharding, spikes,
+from llama_jax import cli, distributed
+
+
+def define_flags():
+    """Defined only when run as a program, so tests can import every entry point at once."""
+    config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run directory: tokenizer, metrics.jsonl, checkpoints.")
+    distributed.define_flags()
+
+
+if __name__ == "__main__":  # --help and flag or config errors answer before JAX loads
+    define_flags()
+    cli.parse_flags()
+
+import jax  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+
+from llama_jax import (checkpoint, goodput, lock, ranges, sharding, spikes,  # noqa: E402
                        train_step)
-from llama_jax.config import model_config
-from llama_jax.data import pipeline, store, tokenizer as tokenizer_lib
-from llama_jax.metrics import MetricsWriter, Throughput, truncate_metrics
+from llama_jax.config import model_config  # noqa: E402
+from llama_jax.data import pipeline, store, tokenizer as tokenizer_lib  # noqa: E402
+from llama_jax.metrics import MetricsWriter, Throughput, truncate_metrics  # noqa: E402
 
 
 class Preempted(SystemExit):
@@ -133,14 +149,14 @@ def train(config, workdir):
     ranges.check_config(config)
     ranges.check_sources(config.data)
     step = train_step.build(config, sharding.make_mesh(config.mesh))
-    logging.info("mesh %s over %d devices; model %s, %.1fM parameters", dict(step.mesh.shape),
-                 step.mesh.size, step.cfg, step.cfg.num_params() / 1e6)
     check_workdir(workdir, step.abstract)
 
     # Phase 2: tokenizer and data, each process reading its own data shards.
     tokenizer = tokenizer_lib.shared_tokenizer(workdir, data, step.cfg.vocab_size)
     if jax.process_index() == 0:  # as configured, not resolved: the workdir loads anywhere
         checkpoint.write_model(workdir, model_config(config))
+        (workdir / "config.json").write_text(checkpoint.config_json(config) + "\n")
+    logging.info("%s", describe_start(step, config))
     if store.store_run(data):  # a step's batch is read at its data position
         train_data = store.TrainData(data, tokenizer, sharding.batch_sharding(step.mesh))
         eval_data = store.eval_batches(data, tokenizer, sharding.batch_sharding(step.mesh))
@@ -160,6 +176,14 @@ def train(config, workdir):
     clock = goodput.Goodput(workdir, enabled=lead, start=start)
     restore_start = time.time()
     state, saved_meta = start_state(step, config, ckpt, meta, train_data)
+    if saved_meta and int(state.step) == tc.steps:  # a finished run: nothing to compile or do
+        # after the restore, so a damaged last checkpoint still falls back and trains on
+        logging.info("run already finished at step %d (train.steps): raise "
+                     "--config.train.steps to train on, or use a new --workdir", tc.steps)
+        ckpt.close()
+        lock.release()
+        return {"first_step": tc.steps, "steps": tc.steps, "eval_loss": [], "finished": True,
+                "checkpoint": str(ckpt.mngr.directory), "last_saved": tc.steps}
     # a fresh init (its compile included) is start-up; a restore is checkpoint time
     clock.add("checkpoint_restore" if saved_meta else "startup", time.time() - restore_start)
     clock.resumed(int(state.step))
@@ -169,7 +193,8 @@ def train(config, workdir):
         truncate_metrics(workdir / "metrics.jsonl", int(state.step) if saved_meta else -1)
 
     # Phase 4: the loop.
-    writer = MetricsWriter(workdir, enabled=lead, total_steps=tc.steps, config_text=str(config))
+    writer = MetricsWriter(workdir, enabled=lead, total_steps=tc.steps, config_text=str(config),
+                           show_mfu=jax.devices()[0].platform != "cpu")
     run = Run(step, config, ckpt, meta, writer, train_data, eval_data, int(state.step), clock,
               saved_meta.get("loss_window", ()))
     clock.add("startup", time.time() - start - clock.session_seconds())
@@ -209,13 +234,18 @@ class Run:
                                         loss_window)
         # step -> the detector's window saved with that checkpoint (what a rewind restores)
         self.saved_windows = {first_step: list(loss_window)}
-        self.summary = {"first_step": first_step, "steps": first_step, "eval_loss": []}
+        self.summary = {"first_step": first_step, "steps": first_step, "eval_loss": [],
+                        "eval_batches": config.train.eval_batches}
 
     def evaluate(self, n, params):
         with self.clock.timed("evaluation"):
             loss = validation_loss(self.step.eval_step, params, self.eval_data, self.step.mesh,
                                    self.config.train.eval_batches)
         self.writer.write(n, {"eval_loss": loss}, prefix="eval")
+        data = self.config.data  # the same batches every time; `evaluate` reads the whole split
+        logging.info("%s | eval loss %.4f on the first %d validation batches (%s tokens)",
+                     self.writer.step_text(n), loss, self.config.train.eval_batches,
+                     f"{self.config.train.eval_batches * data.global_batch_size * data.seq_len:,}")
         self.summary["eval_loss"].append(loss)
 
     def check_finite(self, n, metrics):
@@ -379,8 +409,7 @@ def stop_signals():
                     os._exit(130)
                 received.append(signum)
                 if signum == signal.SIGINT:
-                    print("\n" * sys.stderr.isatty()  # off the progress line, if any
-                          + "Ctrl-C: saving a checkpoint after this step, then exiting "
+                    print("Ctrl-C: saving a checkpoint after this step, then exiting "
                           "(Ctrl-C again to exit now)", file=sys.stderr, flush=True)
                     if several:
                         os.kill(os.getpid(), signal.SIGTERM)
@@ -400,20 +429,38 @@ def stop_signals():
         reader.close()
 
 
+def describe_start(step, config):
+    """The config, short, at start-up (two lines); WORKDIR/config.json has all of it."""
+    cfg, data, tc = step.cfg, config.data, config.train
+    mesh = " ".join(f"{name}={size}" for name, size in step.mesh.shape.items() if size > 1)
+    params = cfg.num_params()
+    size = f"{params / 1e6:.1f}M" if params >= 1e6 else f"{params:,}"
+    return (f"model {size} parameters: {cfg.n_layers} layers, dim "
+            f"{cfg.dim}, {cfg.n_heads} heads, vocab {cfg.vocab_size}; {step.mesh.size} "
+            f"{jax.devices()[0].platform} devices{' (' + mesh + ')' if mesh else ''}\n"
+            f"run {tc.steps} steps of {data.global_batch_size} x {data.seq_len} tokens, lr "
+            f"{tc.lr:g}, warmup {tc.warmup_steps} (all settings: config.json in the workdir)")
+
+
 def describe(summary, tokens_per_step):
-    """The one-paragraph account of a run, printed however it ends."""
+    """The account of a run, printed however it ends: a few lines, each under 120 characters."""
     evals = summary["eval_loss"]
-    train_loss = (f"final train loss {summary['train_loss']:.4f}" if "train_loss" in summary
-                  else "no train step logged this session")
     saved = summary["last_saved"]
-    return (f"Run summary: {summary['steps']} steps ({summary['steps'] - summary['first_step']} "
-            f"this session), {summary['steps'] * tokens_per_step:,} tokens; {train_loss}; "
-            "eval loss " + (f"{evals[0]:.4f} -> {evals[-1]:.4f} (best {min(evals):.4f})"
-                            if evals else "not evaluated this session")
-            + f"; wall time {summary['wall_s']:.0f} s; "
-            + (f"last checkpoint step {saved} in {summary['checkpoint']}." if saved is not None
-               else "no checkpoint saved.")
-            + (f" {goodput.describe(summary['goodput'])}." if "goodput" in summary else ""))
+    lines = [f"Run summary: {summary['steps']} steps ({summary['steps'] - summary['first_step']} "
+             f"this session), {summary['steps'] * tokens_per_step:,} tokens, wall time "
+             f"{summary['wall_s']:.0f} s",
+             (f"final train loss {summary['train_loss']:.4f}" if "train_loss" in summary
+              else "no train step logged this session") + "; eval loss " +
+             (f"{evals[0]:.4f} -> {evals[-1]:.4f} (best {min(evals):.4f}) on the first "
+              f"{summary['eval_batches']} validation batches" if evals
+              else "not evaluated this session"),
+             (f"last checkpoint: step {saved} in {summary['checkpoint']}" if saved is not None
+              else "no checkpoint saved")]
+    if "goodput" in summary:
+        # the parts on a line of their own: all of them would pass 120 characters
+        head, parts = goodput.describe(summary["goodput"]).split(": ", 1)
+        lines += [f"{head}:", f"  {parts}"]
+    return "\n".join(lines)
 
 
 def _preempted(step, stop):
@@ -433,14 +480,6 @@ def _rerun_command():
     return " ".join([program, *map(shlex.quote, sys.argv[1:])])
 
 
-def define_flags():
-    """Defined only when run as a program, so tests can import every entry point at once."""
-    config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "Run directory: tokenizer, metrics.jsonl, checkpoints.")
-    distributed.define_flags()
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -456,9 +495,6 @@ def main(argv):
     except Preempted as e:
         print(e.code, file=sys.stderr, flush=True)
         sys.exit(130 if e.interrupted else 1)
-    except KeyboardInterrupt:  # a Ctrl-C before the loop: there is nothing to save yet
-        print("interrupted before the first step: nothing to save", file=sys.stderr, flush=True)
-        sys.exit(130)
     except (ValueError, KeyError, OSError, FloatingPointError) as e:
         # a known failure is one line that says the fix, not a traceback wall
         distributed.exit_failed(f"error: {e}")
@@ -469,5 +505,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    ranges.run_app(app.run, main)
+    cli.run(main)

@@ -5,16 +5,18 @@ workdir, two sources of one name. The CLI rows run the real entry points (a subp
 
 import dataclasses
 import json
+import logging
 import re
 import subprocess
 import sys
 
+import jax
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
 from helpers import ROOT, micro_config
-from llama_jax import checkpoint, goodput, ranges, spikes
+from llama_jax import checkpoint, cli, goodput, ranges, spikes
 from llama_jax.config import model_config
 from llama_jax.model import ModelConfig
 from llama_jax.train import train
@@ -34,7 +36,7 @@ def assert_one_error_line(done, pattern):
     assert re.search(pattern, lines[-1]), lines[-1]
 
 
-# (module and flags, the error line): every entry point parses --config through ranges.run_app
+# (module and flags, the error line): every entry point parses --config through cli.parse_flags
 CLI_ROWS = [
     (["llama_jax.train", "--config=configs/tiny.py", "--workdir=unused",
       "--config.trian.steps=10"],
@@ -71,7 +73,7 @@ def test_misspelt_section_or_key_is_named_with_the_nearest_setting(monkeypatch):
                             ("--config.modle.dim=8", "model.dim")]:
         with pytest.raises((AttributeError, KeyError)) as raised:
             parse(override)
-        message = ranges.unknown_override(raised.value, ["prog", override])
+        message = cli.unknown_override(raised.value, ["prog", override])
         key = override.split("=")[0]
         assert message.startswith(f"error: {key} is not a setting (did you mean "
                                   f"--config.{near}"), message
@@ -147,6 +149,25 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, 
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
                   if p.name.isdigit()) == [2, 4, 6]  # step 4 saved again by this run
 
+    # the run is finished (latest checkpoint = train.steps): a rerun says so and compiles nothing
+    compiles = []
+
+    def count(event, seconds, **_):
+        if "backend_compile" in event:  # XLA compiles (eval_shape's tracing is not one)
+            compiles.append(event)
+    jax.monitoring.register_event_duration_secs_listener(count)
+    caplog.clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="absl"):
+            summary = train(config, workdir)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert summary["finished"] and summary["steps"] == 6
+    assert compiles == [], compiles
+    assert [r.getMessage() for r in caplog.records if "finished" in r.getMessage()] == [
+        "run already finished at step 6 (train.steps): raise --config.train.steps to train on, "
+        "or use a new --workdir"]
+
     # with every checkpoint damaged: one line, and nothing moved
     for step in (2, 4, 6):
         truncate_arrays(workdir / "checkpoints" / str(step))
@@ -169,3 +190,13 @@ def test_convert_to_hf_refuses_a_workdir_as_destination(tmp_path):
     assert_one_error_line(done, rf"^error: --dst={re.escape(str(workdir))} is a training or "
                                 r"converted workdir \(it holds metrics\.jsonl\): pass a new")
     assert sorted(p.name for p in workdir.iterdir()) == before
+
+
+def test_a_short_run_of_the_tiny_config_warms_up_over_a_tenth_of_it(monkeypatch):
+    # configs/tiny.py's warmup follows train.steps, so a 20-step try needs no second override;
+    # an explicit warmup still wins (and one longer than the run is still refused by validate)
+    monkeypatch.chdir(ROOT)
+    assert parse().train.warmup_steps == 30
+    assert parse("--config.train.steps=20").train.warmup_steps == 2
+    assert parse("--config.train.steps=20",
+                 "--config.train.warmup_steps=5").train.warmup_steps == 5

@@ -12,12 +12,10 @@ import json
 import sys
 import time
 
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from llama_jax.data import pipeline, tokenizer
-
+from llama_jax import cli
 
 
 def define_flags():
@@ -32,6 +30,15 @@ def define_flags():
                         "data.tokenizer_path).")
     flags.DEFINE_list("sources", [], "prepare: only these source names (default all).")
     flags.DEFINE_integer("workers", 2, "prepare: tokenizing worker processes (0: in this one).")
+
+
+if __name__ == "__main__":  # --help and flag or config errors answer before JAX loads
+    define_flags()
+    cli.parse_flags()
+
+import numpy as np  # noqa: E402
+
+from llama_jax.data import pipeline, tokenizer  # noqa: E402
 
 
 def measure(batches_iter, names, batches, bos_id, warmup=5):
@@ -120,6 +127,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    from llama_jax import ranges  # a missing --config or a misspelt override is one line
-    ranges.run_app(app.run, main)
+    cli.run(main)

@@ -16,14 +16,7 @@ from absl import logging
 
 from llama_jax import quiet
 
-with quiet.native_notices_filtered():  # TensorFlow's native start-up notices
-    import tensorflow as tf
-    # the full tensorflow package (tensorflow-text needs it) would otherwise claim accelerator
-    # memory that belongs to JAX; the input pipeline runs on the host CPU
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:  # TensorFlow was already initialised by the caller: its choice stands
-        pass
+tf = quiet.import_tensorflow()
 
 from llama_jax.data import sources as sources_lib  # noqa: E402
 

@@ -20,8 +20,7 @@ from absl import logging
 
 from llama_jax import quiet
 
-with quiet.native_notices_filtered():  # TensorFlow's native start-up notices
-    import tensorflow as tf
+tf = quiet.import_tensorflow()
 
 from llama_jax.data import corpus, sources, store  # noqa: E402
 

@@ -11,8 +11,8 @@ import re
 
 from llama_jax import quiet
 
+tf = quiet.import_tensorflow()
 with quiet.native_notices_filtered():  # TensorFlow's native start-up notices
-    import tensorflow as tf
     import tensorflow_datasets as tfds
 
 # importing stdlib_tfds registers the llama_jax_stdlib builder, so tfds= can name it

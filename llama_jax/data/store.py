@@ -20,8 +20,7 @@ import numpy as np
 
 from llama_jax import quiet
 
-with quiet.native_notices_filtered():  # TensorFlow's native start-up notices
-    import tensorflow as tf
+tf = quiet.import_tensorflow()
 
 FORMAT_VERSION = 1
 MIX_BLOCK = 1000  # slots per block of the mixture schedule: shares are exact within a block

@@ -19,14 +19,32 @@ import os
 import pathlib
 import random
 import shutil
+import sys
 import time
 
-import jax
-import numpy as np
-import sentencepiece as spm
 from absl import app, flags
 
-from llama_jax import distributed, quiet
+from llama_jax import cli
+
+
+def define_flags():
+    """Defined only when run as a program, so tests can import every entry point at once."""
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, "configs/*.py whose data.sources to train on.")
+    flags.DEFINE_string("output", None, "train: where to write the .model file.")
+    flags.DEFINE_string("model", None, "encode/decode: a .model file or a tokenizer.json.")
+
+
+if __name__ == "__main__":  # --help and flag or config errors answer before JAX loads
+    define_flags()
+    cli.parse_flags()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import sentencepiece as spm  # noqa: E402
+
+from llama_jax import distributed, quiet  # noqa: E402
+
 
 BOS_ID, EOS_ID = 1, 2  # of the SentencePiece models train_on_texts writes
 FILE_NAMES = ("tokenizer.model", "tokenizer.json")  # in a workdir or model dir; first found wins
@@ -272,14 +290,6 @@ def get_tokenizer(workdir, data_config, model_vocab_size: int):
     return load_tokenizer(path, model_vocab_size)
 
 
-def define_flags():
-    """Defined only when run as a program, so tests can import every entry point at once."""
-    from ml_collections import config_flags
-    config_flags.DEFINE_config_file("config", None, "configs/*.py whose data.sources to train on.")
-    flags.DEFINE_string("output", None, "train: where to write the .model file.")
-    flags.DEFINE_string("model", None, "encode/decode: a .model file or a tokenizer.json.")
-
-
 def main(argv):
     usage = ("usage: python -m llama_jax.data.tokenizer train --config=C --output=PATH | "
              "encode --model=PATH TEXT... | decode --model=PATH ID...")
@@ -292,15 +302,21 @@ def main(argv):
             raise app.UsageError("train needs --config and --output and no arguments; " + usage)
         data = flag.config.data
         start = time.time()
-        texts = source_texts(data, data.tokenizer_sample_lines)
-        train_on_texts(texts, data.tokenizer_vocab_size, flag.output,
-                                 data.tokenizer_sample_lines, data.seed)
+        try:
+            texts = source_texts(data, data.tokenizer_sample_lines)
+            train_on_texts(texts, data.tokenizer_vocab_size, flag.output,
+                           data.tokenizer_sample_lines, data.seed)
+        except (ValueError, OSError) as e:  # a source or --output the fix is named for
+            sys.exit(f"error: {e}")
         print(json.dumps({"output": flag.output, "vocab_size": data.tokenizer_vocab_size,
                           "seconds": round(time.time() - start, 1)}))
         return
     if flag.model is None or not args:
         raise app.UsageError(f"{command} needs --model and arguments; " + usage)
-    sp = load_tokenizer(flag.model, model_vocab_size=2**31)
+    try:
+        sp = load_tokenizer(flag.model, model_vocab_size=2**31)
+    except (ValueError, OSError) as e:  # not a tokenizer file, or none there
+        sys.exit(f"error: --model={flag.model}: {e}")
     if command == "encode":
         text = " ".join(args)
         print(json.dumps({"ids": sp.encode(text), "pieces": sp.pieces(text)}))
@@ -313,6 +329,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    from llama_jax import ranges  # a missing --config or a misspelt override is one line
-    ranges.run_app(app.run, main)
+    cli.run(main)
