@@ -74,7 +74,7 @@ for node in "${NODES[@]}"; do
 done
 on_all_workers "mkdir -p ~/llama_jax && tar -xzf ~/llama_jax.tar.gz -C ~/llama_jax && \
 cd ~/llama_jax && python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt \
-'jax[tpu]==0.10.2' && .venv/bin/pip install -q --no-deps -e ."
+jaxlib==0.10.2 libtpu==0.0.52 && .venv/bin/pip install -q --no-deps -e ."
 
 # 3. the bucket as a directory on every worker
 on_all_workers "command -v gcsfuse >/dev/null || { \

@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import sys
+import tempfile
 import time
 
 # the TPU is only a compile target: never let JAX probe for a local accelerator
@@ -75,7 +76,7 @@ if __name__ == "__main__":
 
 
 TPUS = [name for name in CHIPS if name.startswith("v")]
-INSTALL = "pip install 'llama_jax[tpu]' (or: pip install 'jax[tpu]==0.10.2')"
+INSTALL = "pip install 'llama_jax[tpu]' (or: pip install jaxlib==0.10.2 libtpu==0.0.52)"
 
 
 def topology_devices(topology, slices=1):
@@ -104,6 +105,21 @@ def topology_devices(topology, slices=1):
     return generation, topo.devices
 
 
+def compile_with_text(lowered, options):
+    """(compiled, its optimized HLO text) of a lowered step compiled with `options`. The text is
+    the one the compiler dumps: compiled.as_text() makes jaxlib parse the compiler's HLO proto
+    again, which jax 0.10.2 refuses for libtpu 0.0.52's 7B step ("async-update instruction
+    should have 1 operands but sees 3")."""
+    with tempfile.TemporaryDirectory() as dump:
+        compiled = lowered.compile(compiler_options={
+            **options, "xla_dump_to": dump, "xla_dump_hlo_as_text": True})
+        texts = [name for name in os.listdir(dump) if name.endswith(".after_optimizations.txt")]
+        if len(texts) != 1:
+            raise ValueError(f"the compiler dumped {len(texts)} optimized HLO modules, not 1")
+        with open(os.path.join(dump, texts[0])) as f:
+            return compiled, f.read()
+
+
 def compile_plan(config, topology, dcn_gbps=DCN_GBPS):
     """The plan's JSON-able dict for one config on one topology (see the module docstring)."""
     ranges.check_config(config)
@@ -125,6 +141,7 @@ def _compile_on(config, topology, generation, devices, dcn_gbps=DCN_GBPS):
         "remat": cfg.remat, "microbatches": config.train.microbatches,
         "loss_chunk_size": config.train.loss_chunk_size,
         "attention": cfg.attention,
+        "xla_flags": step.compiler_options,  # the chips' profile (xla_flags.py) and overrides
         "params": cfg.num_params(), "global_batch_size": batch_size, "seq_len": seq_len,
         "hbm_gib": chip["hbm"] / GIB, "flops_per_step": flops_per_step,
         "roofline_step_s": float(f"{roofline_s:.4g}"),
@@ -132,7 +149,8 @@ def _compile_on(config, topology, generation, devices, dcn_gbps=DCN_GBPS):
     }
     start = time.perf_counter()
     try:
-        compiled = step.train_step.lower(step.abstract, step.abstract_batch()).compile()
+        compiled, hlo_text = compile_with_text(
+            step.train_step.lower(step.abstract, step.abstract_batch()), step.compiler_options)
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -141,7 +159,7 @@ def _compile_on(config, topology, generation, devices, dcn_gbps=DCN_GBPS):
                 "compiler_error": str(e).splitlines()[0][:300]}
     compile_s = time.perf_counter() - start
     slices = step.plan.slices
-    measured = collective_bytes(compiled.as_text(),
+    measured = collective_bytes(hlo_text,
                                 len(devices) // slices if slices > 1 else None)
     minimum = fsdp_minimum_bytes(cfg, dict(step.mesh.shape), config.train.microbatches)
     context = context_minimum_bytes(cfg, dict(step.mesh.shape), batch_size, seq_len)

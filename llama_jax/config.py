@@ -70,6 +70,9 @@ def base_config(**model) -> ml_collections.ConfigDict:
     c.profile = ml_collections.ConfigDict(dict(
         steps="",  # "START:END" captures a JAX profiler trace into WORKDIR/tensorboard
     ))
+    # compiler flags (llama_jax/xla_flags.py): "auto" = the profile of the chips the step runs
+    # on (none on a CPU), "none", or a profile's name; flags: "xla_NAME=VALUE,..." over it
+    c.xla = ml_collections.ConfigDict(dict(profile="auto", flags=""))
     c.init_from = ""  # another run's workdir: start from its params (fresh optimizer and step)
     c.lock()  # a misspelt key in a config file fails as it does on the command line
     return c

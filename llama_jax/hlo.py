@@ -334,19 +334,72 @@ def collective_bytes(hlo_text, slice_size=None):
     holding 1/(n/s) of the data each. An op over the slices axis alone (n = s) counts as above.
 
     Returns {"bytes": {kind: bytes}, "executions": {kind: ops executed}, "total_bytes",
-    "dcn_bytes": {kind: bytes}, "dcn_total_bytes", "loops_without_trip_count"}, kinds in
-    COLLECTIVES (and GATHER_ALL_REDUCE) that occur.
+    "dcn_bytes": {kind: bytes}, "dcn_total_bytes", "asynchronous_executions" and
+    "asynchronous_bytes" (ops compute can overlap, see collective_ops), "blocking_executions"
+    and "blocking_bytes", "loops_without_trip_count"}, kinds in COLLECTIVES (and
+    GATHER_ALL_REDUCE) that occur.
     """
+    ops = collective_ops(hlo_text, slice_size)
+    result = {"bytes": {}, "executions": {}, "dcn_bytes": {}}
+    for op in ops:
+        # an all-reduce's bytes are linear in its size: split them by the gathering fraction
+        for part_kind, share in ((GATHER_ALL_REDUCE, op["gathered"]),
+                                 (op["kind"], 1 - op["gathered"])):
+            if share <= 0:
+                continue
+            result["bytes"][part_kind] = (result["bytes"].get(part_kind, 0)
+                                          + round(op["bytes"] * share * op["executions"]))
+            result["executions"][part_kind] = (result["executions"].get(part_kind, 0)
+                                               + op["executions"])
+            if op["dcn_bytes"]:
+                result["dcn_bytes"][part_kind] = (result["dcn_bytes"].get(part_kind, 0) + round(
+                    op["dcn_bytes"] * share * op["executions"]))
+    result["total_bytes"] = sum(result["bytes"].values())
+    result["dcn_total_bytes"] = sum(result["dcn_bytes"].values())
+    # how much of it compute can hide: asynchronous ops (see collective_ops) vs blocking ones
+    for mode, wanted in (("asynchronous", True), ("blocking", False)):
+        mine = [op for op in ops if op["asynchronous"] == wanted]
+        result[f"{mode}_executions"] = sum(op["executions"] for op in mine)
+        result[f"{mode}_bytes"] = sum(round(op["bytes"] * op["executions"]) for op in mine)
+    result["loops_without_trip_count"] = ops.unknown_loops
+    return result
+
+
+class _Ops(list):
+    unknown_loops = 0  # loops whose trip count could not be read (each counted once)
+
+
+def _async_computations(computations):
+    """Computations whose collectives run asynchronously: those an async-start wraps (XLA's
+    generic async ops) and libtpu's async collective fusions (which its
+    xla_tpu_enable_async_collective_fusion flags create), named async_collective_fusion.N."""
+    wrapped = {callee for instructions in computations.values() for i in instructions
+               if i.op == "async-start" for _, callee in _CALLEE.findall(i.attrs)}
+    return wrapped | {name for name in computations if name.startswith("async_collective_fusion")}
+
+
+def collective_ops(hlo_text, slice_size=None):
+    """One dict per collective of the step, as collective_bytes counts them (it sums these):
+    kind, the computation and instruction it is in, its result `type`, the `bytes` one device
+    receives per run, its `executions` per step, the share of those bytes that cross the
+    data-center network per run (`dcn_bytes`), the fraction of an all-reduce that gathers
+    zero-padded shards (`gathered`), and whether it is `asynchronous`: split into a start and
+    a done (compute can run between them), inside an async wrapper or libtpu's async collective
+    fusion, or the start of one (its async_collective_name attribute); else it blocks the
+    computation that issues it. The list's `unknown_loops`: loops counted once."""
     computations, entry, devices = _parse_module(hlo_text)
     executions, unknown_loops = _execution_counts(computations, entry)
-    found = {}  # (kind, channel, occurrence) or (computation, name) -> (bytes, executions)
+    in_async = _async_computations(computations)
+    found = {}  # (kind, channel, occurrence) or (computation, name) -> op
     for name, instructions in computations.items():
         by_name, seen = {i.name: i for i in instructions}, collections.Counter()
         for instruction in instructions:
             kind = instruction.op.removesuffix("-done")
             if kind == "send" and (sent := _megascale_send(instruction)) and executions(name):
-                found[(name, instruction.name)] = (sent[0], sent[1], executions(name), sent[1],
-                                                   0)
+                found[(name, instruction.name)] = {
+                    "kind": sent[0], "computation": name, "name": instruction.name,
+                    "type": instruction.type, "bytes": sent[1], "executions": executions(name),
+                    "dcn_bytes": sent[1], "gathered": 0, "asynchronous": True}
                 continue
             if kind not in COLLECTIVES or not executions(name):
                 continue
@@ -367,27 +420,22 @@ def collective_bytes(hlo_text, slice_size=None):
             # axis, so partition ids run slice by slice); over 1, part of it crosses DCN
             spans = max(len({i // slice_size for i in g}) for g in groups) if slice_size else 1
             dcn = _moved(kind, size, n, spans) if spans > 1 else 0
+            asynchronous = (start is not None or name in in_async
+                            or "async_collective_name=" in source.attrs)
             channel = re.search(r"channel_id=(\d+)", source.attrs)
             key = (name, source.name)
             if channel:  # the k-th op of a channel in one computation is the k-th in another
                 key = (kind, channel.group(1), seen[kind, channel.group(1)])
                 seen[kind, channel.group(1)] += 1
-            old = found.get(key, (kind, 0, 0, 0, 0))
-            found[key] = (kind, max(old[1], moved), max(old[2], executions(name)),
-                          max(old[3], dcn), max(old[4], gathered / size if size else 0))
-    result = {"bytes": {}, "executions": {}, "dcn_bytes": {}}
-    for (kind, moved, times, dcn, gathered) in found.values():
-        # an all-reduce's bytes are linear in its size: split them by the gathering fraction
-        for part_kind, share in ((GATHER_ALL_REDUCE, gathered), (kind, 1 - gathered)):
-            if share <= 0:
-                continue
-            result["bytes"][part_kind] = (result["bytes"].get(part_kind, 0)
-                                          + round(moved * share * times))
-            result["executions"][part_kind] = result["executions"].get(part_kind, 0) + times
-            if dcn:
-                result["dcn_bytes"][part_kind] = (result["dcn_bytes"].get(part_kind, 0)
-                                                  + round(dcn * share * times))
-    result["total_bytes"] = sum(result["bytes"].values())
-    result["dcn_total_bytes"] = sum(result["dcn_bytes"].values())
-    result["loops_without_trip_count"] = unknown_loops
-    return result
+            old = found.setdefault(key, {
+                "kind": kind, "computation": name, "name": instruction.name,
+                "type": instruction.type, "bytes": 0, "executions": 0, "dcn_bytes": 0,
+                "gathered": 0, "asynchronous": False})
+            old.update(bytes=max(old["bytes"], moved),
+                       executions=max(old["executions"], executions(name)),
+                       dcn_bytes=max(old["dcn_bytes"], dcn),
+                       gathered=max(old["gathered"], gathered / size if size else 0),
+                       asynchronous=old["asynchronous"] or asynchronous)
+    ops = _Ops(found.values())
+    ops.unknown_loops = unknown_loops
+    return ops

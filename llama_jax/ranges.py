@@ -9,7 +9,7 @@ import math
 import pathlib
 from typing import Any, Callable
 
-from llama_jax import sharding
+from llama_jax import sharding, xla_flags
 from llama_jax.attention import ATTENTION
 from llama_jax.data import FORMATS
 from llama_jax.model import DTYPES, ROPE_SCALING
@@ -162,6 +162,11 @@ CONFIG = {
     "checkpoint.keep_period": ints(0, fix="0 = keep none forever"),
     "profile.steps": text(lambda x: not x or profile_range(x) is not None,
                           "'' or 'START:END' with 0 <= START < END", "e.g. '10:15'"),
+    "xla.profile": one_of(xla_flags.CHOICES, "auto: the chips' own profile in "
+                          "llama_jax/xla_flags.py; none: no flags"),
+    "xla.flags": text(lambda x: xla_flags.parse_flags(x) is not None,
+                      "'' or comma-separated xla_NAME=VALUE items",
+                      "e.g. 'xla_tpu_enable_async_collective_fusion=false'"),
     "init_from": text(lambda x: not x or pathlib.Path(x, "checkpoints").is_dir(),
                       "'' or a workdir holding checkpoints/", "point it at a run's workdir"),
 }

@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llama_jax import optim, parallel, sharding
+from llama_jax import optim, parallel, sharding, xla_flags
 from llama_jax.config import validate
 from llama_jax.model import DTYPES, Llama, ModelConfig, output_matrix
+from llama_jax.sharding import constrain
 
 
 @flax.struct.dataclass
@@ -38,12 +39,35 @@ def cross_entropy(hidden, w_out, targets, loss_mask, chunk_size=0):
     return _nll_sum(hidden, w_out, targets, loss_mask, chunk), jnp.sum(loss_mask)
 
 
+def _batch_shards():
+    """How many ways the step being traced splits the batch (1 outside a step)."""
+    placed = sharding.activation_spec(("batch",))
+    if placed is None:
+        return 1
+    mesh, spec = placed
+    return sharding.size_of(dict(mesh.shape), spec[0])
+
+
+# the loss's projection-gradient buffer [S, G, D, V]: one whole [D, V] per device
+DW_CELLS = ("batch", "length", None, "vocab")
+
+
 def _nll_and_grads(hidden, w_out, targets, loss_mask, chunk, grads):
     """Summed masked NLL, and with grads=True also d(sum)/d(hidden) and d(sum)/d(w_out).
 
     The loss is a scalar, so its gradient is these two arrays times the incoming cotangent:
     computing them while the chunk's logits exist costs the same two matmuls autodiff would, and
     saves the third (the logits again) that a rematerialised backward needs.
+
+    The projection moves once per call, however many chunks: it is cast to the compute dtype
+    and gathered whole (its vocabulary split kept) before the chunk loop, and each device sums
+    its own rows' gradient into a buffer of its own, [S, G, D, V] for the S batch shards and G
+    context ranks, which is reduce-scattered once after the loop. Left to the partitioner, the loop gathered the
+    projection and reduce-scattered a float32 gradient once per chunk (Llama-2-7B on v5p-8 at
+    chunk 512: 4 of each per step, 1.97 GB more per chip). The buffer is whole [D, V] on
+    every device, so it is kept in the compute dtype, as the layers' gradients are (each
+    chunk's product is summed in float32, then added): in float32 it cost 0.44 GB more per
+    chip on 16 chips (docs/distributed.md, "Issue 25 rows").
     """
     b, t, d = hidden.shape
     # with the sequence split over context, each step takes `chunk` positions from every
@@ -51,7 +75,8 @@ def _nll_and_grads(hidden, w_out, targets, loss_mask, chunk, grads):
     groups = sharding.parts("length")
     chunk = min(chunk, t // groups)
     n, width = t // (groups * chunk), groups * chunk
-    w = w_out.astype(hidden.dtype)
+    s = _batch_shards()
+    w = constrain(w_out.astype(hidden.dtype), (None, "vocab"))  # [D, V], gathered over D
 
     def step(carry, xs):
         total, dw = carry
@@ -69,19 +94,28 @@ def _nll_and_grads(hidden, w_out, targets, loss_mask, chunk, grads):
         dlogits = (jnp.exp(logits - lse[:, None]) - onehot) * m[:, None]
         dlogits = dlogits.astype(h.dtype)
         dh = (dlogits @ w.T).reshape(b, width, d)
-        dw = dw + jnp.einsum("nd,nv->dv", h, dlogits, preferred_element_type=jnp.float32)
-        return (total, dw), dh
+        # rows are (row, context rank, position), so each device's rows are one [S, G] cell:
+        # S batch shards, G context ranks
+        cells = lambda x: x.reshape(s, b // s, groups, chunk, x.shape[-1])
+        dw = dw + jnp.einsum("sbgcd,sbgcv->sgdv", cells(h), cells(dlogits),
+                             preferred_element_type=jnp.float32).astype(dw.dtype)
+        return (total, constrain(dw, DW_CELLS)), dh
 
     def split(x):  # [B, T, ...] -> [n, B, groups * C, ...]
         x = jnp.moveaxis(x.reshape(b, groups, n, chunk, *x.shape[2:]), 2, 0)
         return x.reshape(n, b, width, *x.shape[4:])
 
-    dw0 = jnp.zeros(w_out.shape, jnp.float32) if grads else None
+    dw0 = constrain(jnp.zeros((s, groups, *w_out.shape), hidden.dtype),
+                    DW_CELLS) if grads else None
     (total, dw), dh = jax.lax.scan(step, (jnp.zeros((), jnp.float32), dw0),
                                    (split(hidden), split(targets), split(loss_mask)))
     if not grads:
         return total
-    return total, jnp.moveaxis(dh.reshape(n, b, groups, chunk, d), 0, 2).reshape(b, t, d), dw
+    # the one sum over the batch shards and context ranks, in the compute dtype (lax.reduce:
+    # jnp.sum computes a bfloat16 sum in float32), landing in the projection's own split
+    dw = jax.lax.reduce(dw, jnp.zeros((), hidden.dtype), jax.lax.add, (0, 1))
+    return (total, jnp.moveaxis(dh.reshape(n, b, groups, chunk, d), 0, 2).reshape(b, t, d),
+            constrain(dw, ("embed", "vocab")))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -91,7 +125,7 @@ def _nll_sum(hidden, w_out, targets, loss_mask, chunk):
 
 def _nll_sum_fwd(hidden, w_out, targets, loss_mask, chunk):
     total, dh, dw = _nll_and_grads(hidden, w_out, targets, loss_mask, chunk, grads=True)
-    return total, (dh, dw.astype(w_out.dtype))
+    return total, (dh, dw.astype(w_out.dtype))  # dw: its shard, summed in the compute dtype
 
 
 def _nll_sum_bwd(chunk, res, g):
@@ -198,6 +232,7 @@ class Step:
     shardings: TrainState  # NamedSharding of every state leaf
     train_step: Any  # jitted (state, batch) -> (state, metrics), the state donated
     eval_step: Any  # jitted (params, batch) -> {"loss_sum", "tokens"}
+    compiler_options: dict  # the compiler flags both steps compile with (xla_flags.py)
 
     def init(self, rng):
         """A fresh TrainState, each array created directly with its sharding."""
@@ -228,13 +263,15 @@ def build(config, mesh) -> Step:
                               chunk_size=chunk_size, plan=plan)
     evaluate = functools.partial(eval_step, model=model, chunk_size=chunk_size, plan=plan)
     batch_sharding = sharding.batch_sharding(mesh)  # every batch entry is [B, T] split alike
+    # the chips' compiler flags, here so that training and the AOT plan compile alike
+    options = xla_flags.compiler_options(config.xla, mesh.devices.flat[0])
     return Step(
         config=config, cfg=cfg, model=model, mesh=mesh, plan=plan, tx=tx, schedule=schedule,
-        abstract=abstract, shardings=shardings,
+        abstract=abstract, shardings=shardings, compiler_options=options,
         train_step=jax.jit(sharding.traced_under(mesh, rules, train),
                            in_shardings=(shardings, batch_sharding),
                            out_shardings=(shardings, sharding.replicated(mesh)),
-                           donate_argnums=0),
+                           donate_argnums=0, compiler_options=options),
         eval_step=jax.jit(sharding.traced_under(mesh, rules, evaluate),
                           in_shardings=(shardings.params, batch_sharding),
-                          out_shardings=sharding.replicated(mesh)))
+                          out_shardings=sharding.replicated(mesh), compiler_options=options))

@@ -39,7 +39,7 @@ BAD = {
     "train.on_nan": "ignore", "train.on_spike": "skip", "train.spike_factor": 0.5,
     "train.spike_window": 1, "train.spike_skip_batches": -1, "checkpoint.every_steps": 0,
     "checkpoint.keep": 0, "checkpoint.keep_period": -3, "profile.steps": "15:10",
-    "init_from": "/nonexistent/run",
+    "init_from": "/nonexistent/run", "xla.profile": "v7", "xla.flags": "async_fusion",
 }
 # more bad values of the keys the issue names, beyond the one above
 MORE = [("data.validation_fraction", 0.0), ("train.lr", math.inf), ("train.lr", -1e-3),
