@@ -177,7 +177,7 @@ def test_the_mesh_must_name_the_slices_the_devices_span():
 
 
 def test_the_plan_table_shows_the_dcn_share_over_several_slices():
-    row = {"seqs_per_chip": 2, "microbatches": 16, "remat": "full", "gib_per_chip": 51.97,
+    row = {"context_size": 1, "seqs_per_chip": 2, "microbatches": 16, "remat": "full", "gib_per_chip": 51.97,
            "fits": True, "compiler_error": None, "roofline_tokens_per_sec_per_chip": 1153,
            "collective_gib_per_chip": 15052.7, "dcn_gib_per_chip": 7.605, "compile_s": 263.7,
            "overrides": ["--config.model.remat=full", "--config.train.microbatches=16"]}
