@@ -39,7 +39,7 @@ def test_bench_times_the_real_step_and_reports_mfu_against_all_devices_peak():
     result = bench.bench(config, steps=steps, documents=2)
     assert result["devices"].startswith("8 x")
     assert result["config"]["documents"] == 2 and result["config"]["mesh"] == {
-        "slices": 1, "data": 2, "fsdp": 2, "tensor": 2}
+        "slices": 1, "data": 2, "fsdp": 2, "context": 1, "tensor": 2}
 
     # the same step from the same init on the same batch, run by hand: bench's final loss is
     # that of the call after one warm-up and `steps` timed steps, and one step more or fewer
