@@ -39,15 +39,6 @@ def cross_entropy(hidden, w_out, targets, loss_mask, chunk_size=0):
     return _nll_sum(hidden, w_out, targets, loss_mask, chunk), jnp.sum(loss_mask)
 
 
-def _batch_shards():
-    """How many ways the step being traced splits the batch (1 outside a step)."""
-    placed = sharding.activation_spec(("batch",))
-    if placed is None:
-        return 1
-    mesh, spec = placed
-    return sharding.size_of(dict(mesh.shape), spec[0])
-
-
 # the loss's projection-gradient buffer [S, G, D, V]: one whole [D, V] per device
 DW_CELLS = ("batch", "length", None, "vocab")
 
@@ -75,7 +66,7 @@ def _nll_and_grads(hidden, w_out, targets, loss_mask, chunk, grads):
     groups = sharding.parts("length")
     chunk = min(chunk, t // groups)
     n, width = t // (groups * chunk), groups * chunk
-    s = _batch_shards()
+    s = sharding.parts("batch")
     w = constrain(w_out.astype(hidden.dtype), (None, "vocab"))  # [D, V], gathered over D
 
     def step(carry, xs):
