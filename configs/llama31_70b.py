@@ -10,6 +10,11 @@ steps, cosine to 10% over 10B tokens. From the released weights (docs/configs.md
   python -m llama_jax.train --config=configs/llama31_70b.py --workdir=runs/llama31_70b \
       --config.init_from=runs/llama31_70b_base \
       --config.data.tokenizer_path=runs/llama31_70b_base/tokenizer.json
+Its 131,072-token stage fits on 32 v5p chips with each sequence split over 8 (AOT, libtpu 0.0.52:
+60.71 GiB per chip of 95, docs/distributed.md "Context parallelism"):
+  python -m llama_jax.compile --config=configs/llama31_70b.py --config.data.seq_len=131072 \
+      --config.model.max_seq_len=131072 --config.mesh.context=8 \
+      --config.data.global_batch_size=4 --config.model.remat=full --topology=v5p:4x4x2
 """
 
 from llama_jax.config import llama3_config

@@ -91,11 +91,13 @@ class Checkpointer:
         if data_iterator is not None:
             tmp = self.data_dir / str(step) / f".tmp_process_{jax.process_index()}"
             shutil.rmtree(tmp, ignore_errors=True)
-            data_iterator.save(tmp)  # writes tmp/shard_j/... for each shard of this process
-            for part in tmp.iterdir():
+            # writes tmp/shard_j/... for each shard of this process (none where another process
+            # of its context group saves them: pipeline.ShardedIterator)
+            data_iterator.save(tmp)
+            for part in tmp.iterdir() if tmp.exists() else ():
                 shutil.rmtree(tmp.parent / part.name, ignore_errors=True)
                 os.replace(part, tmp.parent / part.name)  # complete or absent, never half-written
-            tmp.rmdir()
+            shutil.rmtree(tmp, ignore_errors=True)
         self.mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 

@@ -209,6 +209,41 @@ def batch_sharding(mesh):
     return NamedSharding(mesh, P(BATCH, CONTEXT))
 
 
+@dataclasses.dataclass(frozen=True)
+class Reader:
+    """How this process reads a global batch. Processes whose devices hold the same rows (a
+    context group spanning hosts: context 8 on v5p's 4 chips a host) read identical data, as one
+    reader; its first process alone saves the stream's position."""
+    rows: np.ndarray  # the global batch rows it loads (whole), all its devices' parts of them
+    index: int  # which reader: a data stream's shards are split among readers, not processes
+    count: int
+    saves: bool
+
+
+def batch_readers(mesh, global_batch_size, seq_len, process_of=lambda d: d.process_index):
+    """{process index: its Reader} for [global_batch_size, seq_len] batches on `mesh`; a run
+    takes its own, [jax.process_index()] (process_of lets a test give one process's fake devices
+    to several processes)."""
+    held = {}
+    for device, index in batch_sharding(mesh).devices_indices_map(
+            (global_batch_size, seq_len)).items():
+        held.setdefault(process_of(device), set()).update(range(*index[0].indices(
+            global_batch_size)))
+    groups = {}  # (first row, end row) -> the processes holding exactly those rows
+    for process, rows in sorted(held.items()):
+        span = (min(rows), max(rows) + 1)
+        if len(rows) != span[1] - span[0]:
+            raise ValueError(f"process {process}'s devices hold batch rows {sorted(rows)}, not "
+                             "one range: order the mesh's devices by process")
+        groups.setdefault(span, []).append(process)
+    spans = sorted(groups)
+    if any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])):
+        raise ValueError(f"processes hold overlapping batch rows {spans}: order the mesh's "
+                         "devices by process")
+    return {process: Reader(np.arange(*span), i, len(spans), process == groups[span][0])
+            for i, span in enumerate(spans) for process in groups[span]}
+
+
 def replicated(mesh):
     return NamedSharding(mesh, P())
 

@@ -60,11 +60,11 @@ class Preempted(SystemExit):
                              "rerun the same command to resume")
 
 
-def validation_loss(eval_step, params, dataset, mesh, num_batches):
+def validation_loss(eval_step, params, dataset, mesh, num_batches, global_batch_size):
     """Token-weighted mean validation loss over the first num_batches batches."""
     total = count = 0.0
     for batch in pipeline.global_batches(dataset.take(num_batches),
-                                         sharding.batch_sharding(mesh)):
+                                         sharding.batch_sharding(mesh), global_batch_size):
         out = eval_step(params, batch)
         total += float(out["loss_sum"])
         count += float(out["tokens"])
@@ -157,20 +157,22 @@ def train(config, workdir):
         checkpoint.write_model(workdir, model_config(config))
         (workdir / "config.json").write_text(checkpoint.config_json(config) + "\n")
     logging.info("%s", describe_start(step, config))
+    # this process's rows; the processes of a context group that spans hosts read the same ones
+    reader = sharding.batch_readers(step.mesh, data.global_batch_size,
+                                    data.seq_len)[jax.process_index()]
     if store.store_run(data):  # a step's batch is read at its data position
-        train_data = store.TrainData(data, tokenizer, sharding.batch_sharding(step.mesh))
-        eval_data = store.eval_batches(data, tokenizer, sharding.batch_sharding(step.mesh))
+        train_data = store.TrainData(data, tokenizer, reader.rows)
+        eval_data = store.eval_batches(data, tokenizer, reader.rows)
     else:  # an iterator (not the dataset) so its position can be saved with checkpoints
-        train_data = pipeline.TrainStream(data, tokenizer)
-        eval_data = pipeline.concat_shards(pipeline.process_datasets("validation", data,
-                                                                     tokenizer))
+        train_data = pipeline.TrainStream(data, tokenizer, reader)
+        eval_data = pipeline.concat_shards(pipeline.process_datasets(
+            "validation", data, tokenizer, reader.index, reader.count))
 
     # Phase 3: restore the latest checkpoint, or init (from scratch or another run's params).
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep,
                                    config.checkpoint.keep_period or None)
     meta = {"config": checkpoint.config_json(config), "process_count": jax.process_count(),
-            "data_shards": pipeline.process_shards(data, jax.process_index(),
-                                                   jax.process_count())[1],
+            "data_shards": pipeline.process_shards(data, reader.index, reader.count)[1],
             "tokenizer": checkpoint.fingerprint(tokenizer.path)}
     lead = jax.process_index() == 0
     clock = goodput.Goodput(workdir, enabled=lead, start=start)
@@ -240,7 +242,8 @@ class Run:
     def evaluate(self, n, params):
         with self.clock.timed("evaluation"):
             loss = validation_loss(self.step.eval_step, params, self.eval_data, self.step.mesh,
-                                   self.config.train.eval_batches)
+                                   self.config.train.eval_batches,
+                                   self.config.data.global_batch_size)
         self.writer.write(n, {"eval_loss": loss}, prefix="eval")
         data = self.config.data  # the same batches every time; `evaluate` reads the whole split
         logging.info("%s | eval loss %.4f on the first %d validation batches (%s tokens)",
@@ -266,7 +269,8 @@ class Run:
         """Global batches for the steps after first_step, the skipped windows left out: a
         store's batch is read at the step's data position, an iterator's are read and dropped."""
         return pipeline.global_batches(self.train_data.batches(first_step, self.skips.windows),
-                                       sharding.batch_sharding(self.step.mesh))
+                                       sharding.batch_sharding(self.step.mesh),
+                                       self.config.data.global_batch_size)
 
     def save(self, n, state):
         self.saved_windows[n] = self.detector.state()

@@ -277,15 +277,16 @@ def test_kill_9_then_rerun_gives_bit_identical_losses_with_a_3_source_mixture(tm
         "        dict(name='prose', weight=0.3, builtin='prose'),\n"
         f"        dict(name='notes', weight=0.2, files='{notes}', format='jsonl', field='text'),\n"
         "    ]\n    return c\n")
-    # 1 device without LLVM optimisation: three processes compile the step, and compile time
-    # would outweigh 40 micro steps (a 2-process kill and resume is test_store.py's)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1 "
+    # each sequence split over 2 devices (context parallelism: its load-balancing reorder must
+    # resume exactly too), without LLVM optimisation: three processes compile the step, and
+    # compile time would outweigh 40 micro steps (a 2-process kill and resume is test_store.py's)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2 "
                "--xla_backend_optimization_level=0", PYTHONPATH=str(ROOT))
 
     def command(workdir):
         cmd = _train_cmd(workdir)
         cmd[3] = f"--config={config_file}"
-        return cmd + ["--config.train.steps=40"]
+        return cmd + ["--config.train.steps=40", "--config.mesh.context=2"]
 
     straight = subprocess.run(command(tmp_path / "a"), cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=300)

@@ -2,9 +2,11 @@
 
 One story, so each assertion reads runs that already happened (every launch costs seconds):
   P  in this process (1 process x 8 devices), data.shards=2: tokenizer, steps 1..3;
-  A  2 processes x 2 devices resume P's checkpoint at step 3 and train until process 1 alone
-     gets SIGTERM;
-  B  1 process x 4 devices resume A's checkpoint at step 6 and take A's steps 7..S again.
+  A  2 processes x 2 devices, each sequence split over all 4 (mesh.context=4: a context group
+     that spans processes, so both read the same rows), resume P's checkpoint at step 3 and
+     train until process 1 alone gets SIGTERM;
+  B  1 process x 4 devices (no context parallelism) resume A's checkpoint at step 6 and take
+     A's steps 7..S again.
 """
 
 import os
@@ -45,10 +47,8 @@ def launch(workdir, processes, devices, **overrides):
     command = [sys.executable, str(ROOT / "launch" / "local.py"), f"-n={processes}",
                f"--devices_per_process={devices}", "--grace_s=20", "--", sys.executable, "-m",
                "llama_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}", *flags]
-    # a few steps of a micro model: LLVM optimisation would cost more compile time than it saves
-    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") +
-               " --xla_backend_optimization_level=0")
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=open(f"{workdir}.log", "w"),
+    # the launcher passes XLA_FLAGS on (conftest's: no LLVM optimisation of a few micro steps)
+    return subprocess.Popen(command, cwd=ROOT, stdout=open(f"{workdir}.log", "w"),
                             stderr=subprocess.STDOUT)
 
 
@@ -68,7 +68,7 @@ def runs(tmp_path_factory):
     shutil.copytree(root / "p", root / "a")
     shutil.copytree(root / "p", root / "p_copy")  # for the changed-shard-count test
 
-    a = launch(root / "a", 2, 2, **{"data.shards": 0, "train.steps": 10_000})
+    a = launch(root / "a", 2, 2, **{"mesh.context": 4, "train.steps": 10_000})
     deadline = time.time() + 240
     while time.time() < deadline and a.poll() is None and max(losses(root / "a")) < 8:
         time.sleep(0.2)
@@ -100,8 +100,9 @@ def test_one_process_checkpoint_resumes_in_two_processes(runs):
     assert "data stream has" not in runs["a"]  # 2 shards before and after: the same stream
     steps = [r["step"] for r in read_metrics(runs["root"] / "a") if "loss" in r]
     assert steps == list(range(1, len(steps) + 1))  # process 0 alone writes metrics.jsonl
+    # one reader (the context group), whose first process saved both shards
     assert sorted(p.name for p in (runs["root"] / "a" / "data_state" / "6").iterdir()) == [
-        "shard_0", "shard_1"]  # each process saved its own shard
+        "shard_0", "shard_1"]
 
 
 def test_sigterm_to_one_process_makes_both_save_the_same_step(runs):
@@ -118,7 +119,7 @@ def test_two_process_checkpoint_resumes_in_one_process_with_the_same_losses(runs
     assert "resumed from step 6" in runs["b"]
     later = sorted(s for s in two if s > 6)
     assert later and set(later) <= set(one)
-    # 2 processes x 2 devices and 1 process x 4 devices, the same global batches
+    # context 4 over 2 processes and 1 process without context: the same global batches
     np.testing.assert_allclose([one[s] for s in later], [two[s] for s in later], rtol=0,
                                atol=1e-5)
     assert two[later[-1]] < two[1]
@@ -185,7 +186,8 @@ def test_launcher_prefixes_output_and_stops_the_others_when_one_fails():
     proc = run_launcher(script)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 3 and time.time() - start < 30
-    assert "[0] hello from 0 2 --xla_force_host_platform_device_count=1" in stdout
+    assert re.search(r"^\[0\] hello from 0 2 .*--xla_force_host_platform_device_count=1$", stdout,
+                     re.M), stdout
     assert "[1] hello from 1 2" in stdout
     assert "process 1 exited with 3: stopping the others" in stderr
 

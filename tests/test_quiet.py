@@ -61,8 +61,10 @@ def test_train_prints_short_plain_lines_only_unless_verbose(tmp_path):
     assert json.loads((tmp_path / "quiet" / "config.json").read_text())["train"]["steps"] == 2
     assert "Run summary: 2 steps" in out
 
-    loud = train_output(tmp_path / "verbose", LLAMA_JAX_VERBOSE="1")
-    assert "Run summary: 2 steps" in loud
+    # the same command again, verbose: the finished run starts up (every library loaded, the
+    # checkpoint read) and stops there, with the notices shown
+    loud = train_output(tmp_path / "quiet", LLAMA_JAX_VERBOSE="1")
+    assert "run already finished at step 2" in loud, loud[-3000:]
     assert [marker for marker in HIDDEN if marker in loud], loud[-3000:]
 
     # the other tools start as quietly on the run's workdir: no CUDA probe, no Orbax warning

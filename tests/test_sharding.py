@@ -114,3 +114,30 @@ def test_halving_the_per_device_batch_halves_the_activation_memory():
     one, two, four = (compiled_temp_bytes(8, s) for s in (1, 2, 4))
     # what doubling the batch adds (the activations) doubles; the fixed part cancels out
     assert 1.6 <= (four - two) / (two - one) <= 2.5, (one, two, four)
+
+
+def test_a_context_group_across_processes_is_one_data_reader():
+    # 8 devices as 4 processes of 2: context 4 spans two processes, which must load the same
+    # rows (one reader, whose first process alone saves the stream's position)
+    by_pair = lambda d: d.id // 2  # noqa: E731
+    readers = sharding.batch_readers(sharding.make_mesh({"fsdp": 2, "context": 4}), 8, 32,
+                                     by_pair)
+    assert {p: (r.rows.tolist(), r.index, r.count, r.saves) for p, r in readers.items()} == {
+        0: ([0, 1, 2, 3], 0, 2, True), 1: ([0, 1, 2, 3], 0, 2, False),
+        2: ([4, 5, 6, 7], 1, 2, True), 3: ([4, 5, 6, 7], 1, 2, False)}
+    # without context each process is its own reader of its own rows
+    readers = sharding.batch_readers(sharding.make_mesh({"fsdp": -1}), 8, 32, by_pair)
+    assert [(r.rows.tolist(), r.index, r.saves) for r in readers.values()] == [
+        ([0, 1], 0, True), ([2, 3], 1, True), ([4, 5], 2, True), ([6, 7], 3, True)]
+    with pytest.raises(ValueError, match=r"process 0's devices hold batch rows \[0, 2, 4, 6\], "
+                                         "not one range"):
+        sharding.batch_readers(sharding.make_mesh({"fsdp": -1}), 8, 32, lambda d: d.id % 2)
+
+
+def test_whole_rows_become_a_batch_split_over_context():
+    mesh = sharding.make_mesh({"fsdp": 2, "context": 4})
+    rows = np.arange(8 * 32).reshape(8, 32)
+    from llama_jax.data import pipeline
+    batch = next(pipeline.global_batches([{"inputs": rows}], sharding.batch_sharding(mesh), 8))
+    assert batch["inputs"].addressable_shards[0].data.shape == (4, 8)
+    np.testing.assert_array_equal(np.asarray(batch["inputs"]), rows)

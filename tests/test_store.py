@@ -226,9 +226,8 @@ def launch(config, workdir, processes, devices):
     command = [sys.executable, str(ROOT / "launch" / "local.py"), f"-n={processes}",
                f"--devices_per_process={devices}", "--grace_s=20", "--", sys.executable, "-m",
                "llama_jax.train", f"--config={config}", f"--workdir={workdir}"]
-    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") +
-               " --xla_backend_optimization_level=0")  # compile time would outweigh the steps
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=open(f"{workdir}.log", "w"),
+    # the launcher passes XLA_FLAGS on (conftest's: no LLVM optimisation of a few micro steps)
+    return subprocess.Popen(command, cwd=ROOT, stdout=open(f"{workdir}.log", "w"),
                             stderr=subprocess.STDOUT)
 
 

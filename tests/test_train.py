@@ -78,7 +78,8 @@ def test_train_end_to_end_logs_evaluates_and_checkpoints(tmp_path, caplog):
 
 
 def test_command_line_overrides_and_bad_values(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2 "
+               "--xla_backend_optimization_level=0")
     base = [sys.executable, "-m", "llama_jax.train", "--config=configs/tiny.py",
             f"--workdir={tmp_path}"]
     small = ["--config.model.dim=32", "--config.model.n_heads=2", "--config.model.ffn_dim=64",

@@ -182,34 +182,33 @@ class DataIterator:
         self._checkpoint.read(prefix).assert_consumed()
 
 
-def process_shards(data_config, process_index, process_count):
-    """(this process's data shard indices, the number of shards). data.shards (0: one per process) fixes the stream
-    independently of the process count, so a run resumes its data exactly on any process count
-    that divides it."""
-    shards = data_config.shards or process_count
-    if shards % process_count or data_config.global_batch_size % shards:
+def process_shards(data_config, reader, readers):
+    """(this reader's data shard indices, the number of shards); a reader is a process, or the
+    processes of one context group (sharding.Reader). data.shards (0: one per reader) fixes the
+    stream independently of the process count, so a run resumes its data exactly on any process
+    count that divides it."""
+    shards = data_config.shards or readers
+    if shards % readers or data_config.global_batch_size % shards:
         raise ValueError(f"data.shards={shards} must be a multiple of the process count "
-                         f"{process_count} and divide data.global_batch_size="
-                         f"{data_config.global_batch_size}: change data.shards (0 = one per "
-                         "process)")
-    per_process = shards // process_count
-    return list(range(process_index * per_process, (process_index + 1) * per_process)), shards
+                         f"{readers} (a context group's processes count once) and divide "
+                         f"data.global_batch_size={data_config.global_batch_size}: change "
+                         "data.shards (0 = one per process)")
+    per_reader = shards // readers
+    return list(range(reader * per_reader, (reader + 1) * per_reader)), shards
 
 
-def process_datasets(split, data_config, tokenizer, process_index=None, process_count=None):
-    """{shard: dataset of global_batch_size / shards rows} for this process's shards."""
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-    mine, shards = process_shards(data_config, process_index, process_count)
+def process_datasets(split, data_config, tokenizer, reader, readers):
+    """{shard: dataset of global_batch_size / shards rows} for this reader's shards."""
+    mine, shards = process_shards(data_config, reader, readers)
     rows = data_config.global_batch_size // shards
     return {s: make_dataset(split, data_config, tokenizer, rows, process_index=s,
                             process_count=shards) for s in mine}
 
 
-def restarted_stream(data_config, tokenizer, saved_shards, step):
+def restarted_stream(data_config, tokenizer, reader, saved_shards, step):
     """A new train iterator for a checkpoint whose data state belongs to another shard count
     (no saved state fits these shards), reseeded so it does not replay the run's first batches."""
-    shards = process_shards(data_config, jax.process_index(), jax.process_count())[1]
+    shards = process_shards(data_config, reader.index, reader.count)[1]
     logging.warning(
         "the checkpoint's data stream has %d shards but this run reads %d (the process count or "
         "data.shards changed): the data iterator restarts with seed data.seed + %d. Set "
@@ -217,16 +216,19 @@ def restarted_stream(data_config, tokenizer, saved_shards, step):
         saved_shards, shards, step)
     reseeded = data_config.copy_and_resolve_references()
     reseeded.seed = data_config.seed + step
-    return ShardedIterator(process_datasets("train", reseeded, tokenizer))
+    return ShardedIterator(process_datasets("train", reseeded, tokenizer, reader.index,
+                                            reader.count), reader.saves)
 
 
 class TrainStream:
     """The tf.data training input as train.py reads it (a store's is store.TrainData): this
-    process's shards through one ShardedIterator, whose position a checkpoint saves."""
+    reader's shards (sharding.Reader) through one ShardedIterator, whose position a checkpoint
+    saves."""
 
-    def __init__(self, data_config, tokenizer):
-        self._data_config, self._tokenizer = data_config, tokenizer
-        self._iterator = ShardedIterator(process_datasets("train", data_config, tokenizer))
+    def __init__(self, data_config, tokenizer, reader):
+        self._data_config, self._tokenizer, self._reader = data_config, tokenizer, reader
+        self._iterator = ShardedIterator(process_datasets(
+            "train", data_config, tokenizer, reader.index, reader.count), reader.saves)
 
     def batches(self, first_step, windows):
         """The batches of the steps after first_step from the iterator, which has yielded the
@@ -242,10 +244,11 @@ class TrainStream:
         """What a checkpoint's saved data state is restored into: the iterator, or None when the
         checkpoint was written with another shard count, whose saved state fits no shard here;
         the stream then restarts (restarted_stream)."""
-        shards = process_shards(self._data_config, jax.process_index(), jax.process_count())[1]
+        shards = process_shards(self._data_config, self._reader.index, self._reader.count)[1]
         if saved_shards == shards:
             return self._iterator
-        self._iterator = restarted_stream(self._data_config, self._tokenizer, saved_shards, step)
+        self._iterator = restarted_stream(self._data_config, self._tokenizer, self._reader,
+                                          saved_shards, step)
         return None
 
 
@@ -259,11 +262,14 @@ def concat_shards(datasets):
 
 
 class ShardedIterator:
-    """This process's shards read side by side: each batch is one batch of every shard,
-    concatenated in shard order; save/restore keep one state per shard."""
+    """A reader's shards read side by side: each batch is one batch of every shard,
+    concatenated in shard order; save/restore keep one state per shard. Of a context group's
+    processes, which read the same shards, only the first saves (saves=False: save writes
+    nothing), so no two write one file."""
 
-    def __init__(self, datasets):
+    def __init__(self, datasets, saves=True):
         self._iterators = [DataIterator(datasets[s], s) for s in sorted(datasets)]
+        self._saves = saves
 
     def __iter__(self):
         return self
@@ -273,7 +279,7 @@ class ShardedIterator:
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def save(self, directory):
-        for it in self._iterators:
+        for it in self._iterators if self._saves else ():
             it.save(directory)
 
     def restore(self, directory):
@@ -288,9 +294,13 @@ def graph_check_message(error):
     return found.group(1) if found else error.message.splitlines()[0][:300]
 
 
-def global_batches(batches, sharding):
-    """Iterates per-process batches (a Dataset or numpy dicts) as global jax.Arrays."""
+def global_batches(batches, sharding, global_batch_size):
+    """Iterates per-process batches (a Dataset or numpy dicts of this process's rows, whole)
+    as global jax.Arrays. The global shape is given, not inferred: where a context group spans
+    processes, each holds whole rows and its devices take their part of each row."""
     if isinstance(batches, tf.data.Dataset):
         batches = batches.as_numpy_iterator()
     for batch in batches:
-        yield {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+        yield {k: jax.make_array_from_process_local_data(sharding, v, (global_batch_size,
+                                                                       *v.shape[1:]))
+               for k, v in batch.items()}

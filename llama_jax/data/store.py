@@ -323,18 +323,6 @@ def mixture(data_config, split, model_bytes) -> Mixture:
     return Mixture(stores, weights, data_config.seq_len, data_config.seed)
 
 
-def process_rows(batch_sharding, global_batch_size, seq_len):
-    """The global batch rows this process's devices hold, as a range (what
-    jax.make_array_from_process_local_data expects this process to pass)."""
-    indices = batch_sharding.addressable_devices_indices_map((global_batch_size, seq_len))
-    rows = sorted({r for index in indices.values()
-                   for r in range(*index[0].indices(global_batch_size))})
-    if rows != list(range(rows[0], rows[0] + len(rows))):
-        raise ValueError(f"this process's devices hold batch rows {rows}, not one range: order "
-                         "the mesh's devices by process")
-    return np.arange(rows[0], rows[-1] + 1)
-
-
 class Batches:
     """This process's rows of the batches of steps first_step, first_step + 1, ..., each
     computed (numpy index math, a few ms) on a daemon thread up to `depth` steps ahead. No
@@ -380,9 +368,9 @@ class EvalBatches:
         return (mix.batch(step, global_batch_size, rows) for step in range(1, count + 1))
 
 
-def train_batches(data_config, tokenizer, batch_sharding, first_step, position=None):
-    """What train.py reads for a store run: this process's rows from first_step on."""
-    rows = process_rows(batch_sharding, data_config.global_batch_size, data_config.seq_len)
+def train_batches(data_config, tokenizer, rows, first_step, position=None):
+    """What train.py reads for a store run: this process's rows (sharding.Reader.rows) from
+    first_step on."""
     mix = mixture(data_config, "train", tokenizer.path.read_bytes())
     return Batches(mix, data_config.global_batch_size, rows, first_step, position=position)
 
@@ -391,8 +379,8 @@ class TrainData:
     """A store run's training input as train.py reads it (the tf.data one is
     pipeline.TrainStream): no iterator state, a step's batch is read at its data position."""
 
-    def __init__(self, data_config, tokenizer, batch_sharding):
-        self._args = data_config, tokenizer, batch_sharding
+    def __init__(self, data_config, tokenizer, rows):
+        self._args = data_config, tokenizer, rows
 
     def batches(self, first_step, windows):
         """This process's rows of the batches of the steps after first_step, the data windows
@@ -408,7 +396,6 @@ class TrainData:
         return None  # nothing to restore, whatever the process count was
 
 
-def eval_batches(data_config, tokenizer, batch_sharding):
-    rows = process_rows(batch_sharding, data_config.global_batch_size, data_config.seq_len)
+def eval_batches(data_config, tokenizer, rows):
     mix = mixture(data_config, "validation", tokenizer.path.read_bytes())
     return EvalBatches(mix, data_config.global_batch_size, rows)
