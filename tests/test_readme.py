@@ -1,6 +1,6 @@
-"""The README's examples run in order on a fresh clone after `make train`: every file or
-directory a command reads is in the repository or made by `make train` (runs/tiny) or an
-earlier example, and every flag a `python -m llama_jax.*` example passes is one its `--helpfull`
+"""The examples of README.md and then docs/usage.md run in order on a fresh clone after
+`make train`: every file or directory a command reads is in the repository or made by `make
+train` (runs/tiny) or an earlier example, and every flag a `python -m llama_jax.*` example passes is one its `--helpfull`
 lists (one cheap subprocess per module: flags are read before JAX loads)."""
 
 import re
@@ -16,13 +16,15 @@ READS = ("config", "src", "tokenizer", "model", "include_path", "workdir")
 MAKES = {"llama_jax.train": ("workdir",), "llama_jax.scaling": ("workdir",),
          "llama_jax.convert": ("dst",), "llama_jax.plot": ("out",),
          "llama_jax.data": ("output",), "llama_jax.data.tokenizer": ("output",)}
+DOCS = ("README.md", "docs/usage.md")  # read in this order, as a newcomer does
 CLUSTER = ("gs://", "/shared/")  # a bucket or a cluster's filesystem: not on this machine
 
 
 def readme_commands():
     """Each shell command of the README's bash blocks, as tokens (continuation lines joined,
     a quoted argument over several lines kept whole, `&&` and launch/local.py's `--` split)."""
-    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    blocks = [block for doc in DOCS
+              for block in re.findall(r"```bash\n(.*?)```", (ROOT / doc).read_text(), re.S)]
     commands = []
     for block in blocks:
         text = ""
